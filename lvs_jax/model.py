@@ -1,0 +1,343 @@
+"""A pure-functional Llama-family decoder (Llama-2/3, Mistral, Qwen2, SmolLM2) with edits.
+
+Axis names (defined once, used in every docstring of lvs_jax):
+  L  layers                       B  batch (prompts)
+  T  query tokens of this call    S  sequence slots: key positions / KV-cache slots
+  D  d_model                      F  d_ff (MLP hidden)
+  H  query heads                  K  key/value heads (GQA: H = K * G)
+  Dh head_dim                     V  vocabulary
+
+Weights are a pytree (`Params`) whose per-layer weights are stacked on a leading L axis and run
+with `jax.lax.scan`; an `Edit` (see `lvs_jax.edit`) is scanned together with them. Everything
+here is a pure function of arrays, so it jits, vmaps (over edits, prompts) and differentiates.
+
+Sequence convention: prompts are left-padded into a buffer of S slots; `attention_mask[b, s]` is 1
+for real tokens. RoPE positions count real tokens only (position 0 = first real token), so a
+padded prompt gets the same positions, and the same logits, as the prompt alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lvs_jax import edit as edit_lib
+from lvs_jax.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerParams:
+  """Per-layer weights, each stacked on a leading L axis. `x @ w` layout (inputs first)."""
+
+  attn_norm: jax.Array  # [L, D]
+  wq: jax.Array  # [L, D, H, Dh]
+  wk: jax.Array  # [L, D, K, Dh]
+  wv: jax.Array  # [L, D, K, Dh]
+  wo: jax.Array  # [L, H, Dh, D]
+  mlp_norm: jax.Array  # [L, D]
+  w_gate: jax.Array  # [L, D, F]
+  w_up: jax.Array  # [L, D, F]
+  w_down: jax.Array  # [L, F, D]
+  bq: jax.Array | None = None  # [L, H, Dh] (Qwen2 only)
+  bk: jax.Array | None = None  # [L, K, Dh]
+  bv: jax.Array | None = None  # [L, K, Dh]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Params:
+  """All weights of the model. `lm_head` is None when the embeddings are tied."""
+
+  embed: jax.Array  # [V, D]
+  layers: LayerParams
+  final_norm: jax.Array  # [D]
+  lm_head: jax.Array | None = None  # [D, V]
+
+
+# Logical axis names of every weight; a sharding rules table maps them to mesh axes.
+LOGICAL_AXES = Params(
+  embed=("vocab", "embed"),
+  layers=LayerParams(
+    attn_norm=("layers", "embed"),
+    wq=("layers", "embed", "q_heads", "head_dim"),
+    wk=("layers", "embed", "kv_heads", "head_dim"),
+    wv=("layers", "embed", "kv_heads", "head_dim"),
+    wo=("layers", "q_heads", "head_dim", "embed"),
+    mlp_norm=("layers", "embed"),
+    w_gate=("layers", "embed", "mlp"),
+    w_up=("layers", "embed", "mlp"),
+    w_down=("layers", "mlp", "embed"),
+    bq=("layers", "q_heads", "head_dim"),
+    bk=("layers", "kv_heads", "head_dim"),
+    bv=("layers", "kv_heads", "head_dim"),
+  ),
+  final_norm=("embed",),
+  lm_head=("embed", "vocab"),
+)
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> Params:
+  """Shapes and dtypes of every weight as `jax.ShapeDtypeStruct`s (no memory, no FLOPs)."""
+  L, D, H, K, Dh, F, V = (
+    cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+  )
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+  bias = cfg.qkv_bias
+  return Params(
+    embed=s(V, D),
+    layers=LayerParams(
+      attn_norm=s(L, D), wq=s(L, D, H, Dh), wk=s(L, D, K, Dh), wv=s(L, D, K, Dh),
+      wo=s(L, H, Dh, D), mlp_norm=s(L, D), w_gate=s(L, D, F), w_up=s(L, D, F), w_down=s(L, F, D),
+      bq=s(L, H, Dh) if bias else None, bk=s(L, K, Dh) if bias else None,
+      bv=s(L, K, Dh) if bias else None,
+    ),
+    final_norm=s(D),
+    lm_head=None if cfg.tie_embeddings else s(D, V),
+  )
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+  """Random weights (normal(0, std); norms = 1 + small noise) for tests and benchmarks."""
+  abstract = abstract_params(cfg, dtype)
+  leaves, treedef = jax.tree.flatten(abstract)
+  keys = jax.random.split(key, len(leaves))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+  out = []
+  for k, leaf, path in zip(keys, leaves, paths):
+    x = jax.random.normal(k, leaf.shape, jnp.float32) * std
+    if "norm" in path:
+      x = 1.0 + x
+    out.append(x.astype(dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def check_params(params: Params, cfg: ModelConfig, where: str = "params") -> None:
+  """Raises one error naming every weight whose shape does not match `cfg`."""
+  want = abstract_params(cfg)
+  bad = []
+  w_flat = jax.tree_util.tree_flatten_with_path(want)[0]
+  p_flat = dict(
+    (jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  )
+  for path, w in w_flat:
+    name = jax.tree_util.keystr(path)
+    got = p_flat.get(name)
+    if got is None:
+      bad.append(f"{name}: missing (expected {tuple(w.shape)})")
+    elif tuple(got.shape) != tuple(w.shape):
+      bad.append(f"{name}: expected shape {tuple(w.shape)}, got {tuple(got.shape)}")
+  if bad:
+    raise ValueError(f"{where}: weights do not match the config:\n  " + "\n  ".join(bad))
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in float32, cast back to x.dtype before the weight (as transformers does)."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return w * xf.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """[Dh/2] float32 inverse frequencies, with Llama-3 scaling when configured."""
+  dim = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  inv = inv.astype(np.float32)
+  rs = cfg.rope_scaling
+  if rs is None:
+    return inv
+  low_wl = rs.original_max_position / rs.low_freq_factor
+  high_wl = rs.original_max_position / rs.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  inv_l = np.where(wavelen > low_wl, inv / rs.factor, inv)
+  smooth = (rs.original_max_position / wavelen - rs.low_freq_factor) / (
+    rs.high_freq_factor - rs.low_freq_factor
+  )
+  smoothed = (1 - smooth) * inv_l / rs.factor + smooth * inv_l
+  medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+  return np.where(medium, smoothed, inv_l).astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary embedding, "rotate half" layout (as transformers). x: [B, T, N, Dh], positions [B, T]."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+def attention_mask_4d(
+  q_slots: jax.Array, key_valid: jax.Array, window: int | None
+) -> jax.Array:
+  """[B, 1, 1, T, S] bool: causal over slots, valid keys only, optional sliding window.
+
+  q_slots: [T] slot index of each query; key_valid: [B, S].
+  """
+  s = jnp.arange(key_valid.shape[1])
+  allowed = s[None, :] <= q_slots[:, None]  # [T, S]
+  if window is not None:
+    allowed &= q_slots[:, None] - s[None, :] < window
+  m = allowed[None] & key_valid[:, None, :].astype(bool)  # [B, T, S]
+  return m[:, None, None]
+
+
+def attend(q, k, v, mask, cfg: ModelConfig) -> jax.Array:
+  """GQA attention. q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,1,1,T,S] -> [B,T,H,Dh]."""
+  q = einops.rearrange(q, "b t (k g) d -> b k g t d", k=cfg.n_kv_heads)
+  scores = jnp.einsum("bkgtd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (cfg.head_dim**-0.5)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->bkgtd", probs, v)
+  return einops.rearrange(out, "b k g t d -> b t (k g) d")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys/values for every layer and slot. k, v: [L, B, S, K, Dh]; valid: [B, S] (0 = pad/empty)."""
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
+  shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Output:
+  """logits: [B, T, V] float32. captured: site -> [L, B, P, D] (P = T or len(capture_positions)).
+  cache: the updated KVCache when one was passed in."""
+
+  logits: jax.Array
+  captured: dict
+  cache: KVCache | None = None
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """RoPE positions [B, S] for left- (or right-) padded rows: index among real tokens."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _capture(h, positions_idx):
+  if positions_idx is None:
+    return h
+  return jnp.take_along_axis(h, positions_idx[..., None], axis=1)
+
+
+def forward(
+  params: Params,
+  tokens: jax.Array,
+  cfg: ModelConfig,
+  *,
+  attention_mask: jax.Array | None = None,
+  edit: edit_lib.Edit | None = None,
+  capture: Sequence[str] = (),
+  capture_positions: jax.Array | None = None,
+  cache: KVCache | None = None,
+  start: jax.Array | int = 0,
+  positions: jax.Array | None = None,
+  logits_positions: jax.Array | None = None,
+  remat: bool = False,
+) -> Output:
+  """Runs the model on tokens [B, T], applying `edit` and recording the `capture` sites.
+
+  Without a cache the T tokens are the whole sequence (slots 0..T-1) and `attention_mask` [B, T]
+  marks real tokens (default: all). With a cache, the tokens fill slots [start, start+T) of it,
+  `attention_mask` [B, T] marks which of them are real, and `positions` [B, T] gives their RoPE
+  positions (default: derived from the cache's valid slots). capture_positions: [B, P] slot
+  indices (relative to this call's tokens) to keep, instead of all T. logits_positions: [B, P]
+  token indices whose logits to compute (default all T) -- e.g. only the last one.
+  """
+  B, T = tokens.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((B, T), jnp.int32)
+  attention_mask = attention_mask.astype(jnp.int32)
+  for site in capture:
+    if site not in edit_lib.SITES:
+      raise ValueError(f"unknown capture site {site!r}; expected one of {edit_lib.SITES}")
+  if edit is not None:
+    edit_lib.validate(edit, cfg.n_layers)
+
+  if cache is None:
+    key_valid = attention_mask
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+  else:
+    key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, start, axis=1)
+    if positions is None:
+      before = jnp.sum(
+        cache.valid * (jnp.arange(cache.valid.shape[1]) < start)[None].astype(jnp.int32), axis=1,
+        keepdims=True,
+      )
+      positions = before + positions_from_mask(attention_mask)
+  q_slots = start + jnp.arange(T)
+  mask = attention_mask_4d(q_slots, key_valid, cfg.sliding_window)
+  inv_freq = rope_inv_freq(cfg)
+  dtype = params.embed.dtype
+
+  h = params.embed[tokens].astype(dtype)
+
+  def block(h, xs):
+    lp, le, ck, cv = xs
+    le = le or {}
+    out = {}
+
+    def site(name, x):
+      x = edit_lib.apply_site(x, le.get(name), start)
+      if name in capture:
+        out[name] = _capture(x, capture_positions)
+      return x
+
+    h = site("resid_pre", h)
+    x = rms_norm(h, lp.attn_norm, cfg.rms_eps)
+    q = jnp.einsum("btd,dhk->bthk", x, lp.wq)
+    k = jnp.einsum("btd,dhk->bthk", x, lp.wk)
+    v = jnp.einsum("btd,dhk->bthk", x, lp.wv)
+    if lp.bq is not None:
+      q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
+    q = rope(q, positions, inv_freq)
+    k = rope(k, positions, inv_freq)
+    if ck is not None:
+      ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), start, axis=1)
+      cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=1)
+      k_all, v_all = ck.astype(dtype), cv.astype(dtype)
+    else:
+      k_all, v_all = k, v
+    a = attend(q, k_all, v_all, mask, cfg)
+    a = jnp.einsum("bthk,hkd->btd", a, lp.wo)
+    h = h + site("attn_out", a)
+    x = rms_norm(h, lp.mlp_norm, cfg.rms_eps)
+    m = jax.nn.silu(x @ lp.w_gate) * (x @ lp.w_up)
+    h = h + site("mlp_out", m @ lp.w_down)
+    h = site("resid_post", h)
+    return h, (out, ck, cv)
+
+  body = jax.checkpoint(block) if remat else block
+  ck = cv = None
+  if cache is not None:
+    ck, cv = cache.k, cache.v
+  h, (captured, ck, cv) = jax.lax.scan(body, h, (params.layers, edit, ck, cv))
+
+  if logits_positions is not None:
+    h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)
+  h = rms_norm(h, params.final_norm, cfg.rms_eps)
+  head = params.embed.T if params.lm_head is None else params.lm_head
+  logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
+  new_cache = None if cache is None else KVCache(ck, cv, key_valid)
+  return Output(logits=logits, captured=captured, cache=new_cache)
