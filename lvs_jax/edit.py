@@ -38,7 +38,7 @@ differentiable (`jax.grad` with respect to `add`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,8 @@ numpy arrays, and the set of end-of-sequence ids that stop generation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
