@@ -598,8 +598,9 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], errors: Any = None
   bars = ax.bar(np.arange(n), values, yerr=_yerr(errors, n), capsize=3, color="C0")
   ax.bar_label(bars, labels=[f"{v:.3g}" if math.isfinite(v) else "n/a" for v in values], padding=2,
                fontsize=8)
-  ax.set_xticks(np.arange(n), [str(x) for x in labels], rotation=30 if n > 5 else 0,
-                ha="right" if n > 5 else "center")
+  # Rotate when the labels would not fit side by side (about 9 characters per bar at this width).
+  tilt = n > 5 or max(len(str(x)) for x in labels) > 9
+  ax.set_xticks(np.arange(n), [str(x) for x in labels], rotation=30 if tilt else 0, ha="right" if tilt else "center")
   if ylim is not None:
     ax.set_ylim(*ylim)
   ax.set_ylabel(ylabel)
