@@ -1,0 +1,37 @@
+r"""Safety audit of a model: the behavioral section (more sections join as they land).
+
+Full audit of the default model (about 5 minutes on a 2-core CPU):
+  python experiments/audit.py --config=experiments/configs/audit.py --workdir=/tmp/audit
+
+Smoke run (2 prompts a set, 8 tokens; what the test suite runs):
+  python experiments/audit.py --config=experiments/configs/audit.py:smoke --workdir=/tmp/audit_smoke
+
+Overrides: --config.model=/path/to/model.gguf --config.max_new_tokens=128 --config.dtype=bfloat16
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = "smollm2-135m-instruct"  # a registered name, a .gguf file or an HF checkpoint directory
+  c.dtype = "float32"  # float32 on CPU; bfloat16 on accelerators
+  c.max_new_tokens = 64
+  c.batch_size = 16
+  c.seed = 0
+  c.judge_prefixes = "jailbreakbench"  # lvs_jax.judges prefix list: jailbreakbench | harmbench | both
+  c.n_examples = 4  # example generations per set in the report
+  # Prompt sets: name -> (file, options). Files resolve against ../shared/data (or $LVS_DATA_DIR).
+  c.sets = ml_collections.ConfigDict()
+  c.sets.harmful = dict(path="harmful_val.json", n=0)  # n=0: all rows
+  c.sets.harmless = dict(path="harmless_val.json", n=100)
+  c.sets.xstest_safe = dict(path="xstest_prompts.csv", label="safe", n=0)
+  c.sets.xstest_unsafe = dict(path="xstest_prompts.csv", label="unsafe", n=0)
+  if arg == "smoke":
+    c.max_new_tokens = 8
+    c.batch_size = 2
+    for name in c.sets:
+      c.sets[name]["n"] = 2
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}; expected '' or 'smoke'")
+  return c

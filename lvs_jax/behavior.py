@@ -1,0 +1,201 @@
+"""Behavioral safety evaluation: generate, judge, and summarize refusal on prompt sets.
+
+The behavioral section of an audit asks, per prompt set, how often the model refuses:
+  harmful prompts          refusal rate (higher is safer)
+  harmless prompts         compliance = 1 - refusal rate (higher is more useful)
+  XSTest safe prompts      refusal rate = exaggerated safety (lower is better)
+  XSTest unsafe prompts    refusal rate (higher is safer)
+
+Each rate comes with a 95% Wilson score interval, and each set also gets the mean logit refusal
+score (Arditi et al. 2024: log-odds of a refusal-start token at the last prompt position), which
+needs no generation. Generations are appended to a JSONL file per set as each batch finishes, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from lvs_jax import edit as edit_lib
+from lvs_jax import generate as gen
+from lvs_jax import judges
+from lvs_jax import model as model_lib
+from lvs_jax import report as report_lib
+from lvs_jax.tokenizer import LoadedModel, PromptError
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+  """95% (default z) Wilson score interval for a binomial proportion k/n."""
+  if n == 0:
+    return (math.nan, math.nan)
+  p = k / n
+  denom = 1 + z * z / n
+  center = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return (max(0.0, center - half), min(1.0, center + half))
+
+
+@dataclasses.dataclass
+class SetResult:
+  """Refusal statistics of one prompt set. records: [{prompt, completion, refused}] in prompt order."""
+
+  name: str
+  records: list[dict]
+  refusal_score: float = math.nan  # mean logit refusal score (nats)
+
+  @property
+  def n(self) -> int:
+    return len(self.records)
+
+  @property
+  def n_refused(self) -> int:
+    return int(sum(r["refused"] for r in self.records))
+
+  @property
+  def refusal_rate(self) -> float:
+    return self.n_refused / self.n if self.n else math.nan
+
+  @property
+  def interval(self) -> tuple[float, float]:
+    return wilson_interval(self.n_refused, self.n)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  out = []
+  if not os.path.exists(path):
+    return out
+  with open(path, encoding="utf-8") as f:
+    for i, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        # A line cut by a kill mid-write: drop it and everything after; those prompts rerun.
+        print(f"{path}: line {i + 1} is incomplete; regenerating from there")
+        break
+  return out
+
+
+def refusal_scores(
+  model: LoadedModel, prompts: Sequence[str], *, batch_size: int = 16, edit: edit_lib.Edit | None = None,
+  chat: bool = True,
+) -> np.ndarray:
+  """Logit refusal score [N] (nats) of each prompt at its last (chat-formatted) prompt token."""
+  tok = model.tokenizer
+  ids = jnp.asarray(judges.refusal_token_ids(tok))
+
+  @jax.jit
+  def score(params, tokens, mask):
+    last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
+    logits = model_lib.forward(params, tokens, model.cfg, attention_mask=mask, edit=edit,
+                               logits_positions=last).logits[:, 0]
+    return judges.refusal_score(logits, ids)
+
+  out = []
+  texts = [tok.format_chat(p) if chat else p for p in prompts]
+  for b0 in range(0, len(texts), batch_size):
+    chunk = texts[b0:b0 + batch_size]
+    n = len(chunk)
+    chunk = chunk + [chunk[-1]] * (min(batch_size, len(texts)) - n)
+    tokens, mask = tok.batch(chunk, pad_to_multiple=16)
+    out.append(np.asarray(score(model.params, jnp.asarray(tokens), jnp.asarray(mask)))[:n])
+  return np.concatenate(out)
+
+
+def evaluate_refusal(
+  model: LoadedModel,
+  name: str,
+  prompts: Sequence[str],
+  *,
+  max_new_tokens: int = 64,
+  batch_size: int = 16,
+  prefixes: str | Sequence[str] = "jailbreakbench",
+  edit: edit_lib.Edit | None = None,
+  cache_path: str | None = None,
+  progress: bool = True,
+) -> SetResult:
+  """Greedy-generates a completion for every prompt, judges refusal by substring, scores logits.
+
+  cache_path: a JSONL file of finished records; existing rows (for the same prompts in the same
+  order) are reused and new rows appended after every batch, so a killed run loses one batch at most.
+  """
+  prompts = list(prompts)
+  if not prompts:
+    raise PromptError(f"evaluate_refusal({name!r}): empty prompt set")
+  records = _read_jsonl(cache_path) if cache_path else []
+  for i, r in enumerate(records):
+    if i >= len(prompts) or r.get("prompt") != prompts[i]:
+      raise ValueError(
+        f"{cache_path}: row {i} is for a different prompt set than {name!r}; "
+        "use a fresh workdir or delete the file"
+      )
+  if cache_path:
+    os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
+  todo = range(len(records), len(prompts), batch_size)
+  for b0 in tqdm(todo, desc=f"{name}: generate", disable=not progress or not todo):
+    chunk = prompts[b0:b0 + batch_size]
+    g = gen.generate(model, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size, edit=edit)
+    refused = judges.judge_refusals(g.completions, prefixes=prefixes)
+    new = [
+      dict(prompt=p, completion=c, refused=bool(r)) for p, c, r in zip(chunk, g.completions, refused)
+    ]
+    records.extend(new)
+    if cache_path:
+      with open(cache_path, "a", encoding="utf-8") as f:
+        for r in new:
+          f.write(json.dumps(r) + "\n")
+  scores = refusal_scores(model, prompts, batch_size=batch_size, edit=edit)
+  for r, s in zip(records, scores):
+    r["refusal_score"] = float(s)
+  return SetResult(name=name, records=records, refusal_score=float(np.mean(scores)))
+
+
+# Which direction is "good" for each conventional set name, for the report's reading guide.
+SET_GOALS = {
+  "harmful": "refusal should be high",
+  "harmless": "refusal should be low (compliance high)",
+  "xstest_safe": "refusal should be low (exaggerated safety)",
+  "xstest_unsafe": "refusal should be high",
+}
+
+
+def behavior_section(results: Sequence[SetResult], n_examples: int = 4) -> report_lib.Section:
+  """The audit report's behavioral section: a rate table with intervals, a bar chart, examples."""
+  rows, summary, examples = [], {}, []
+  for r in results:
+    lo, hi = r.interval
+    rows.append([r.name, r.n, r.n_refused, r.refusal_rate, lo, hi, r.refusal_score, SET_GOALS.get(r.name, "")])
+    summary[f"refusal_rate/{r.name}"] = r.refusal_rate
+    if r.name == "harmless":
+      summary["compliance_rate/harmless"] = 1 - r.refusal_rate
+    for rec in r.records[:n_examples]:
+      examples.append(dict(set=r.name, prompt=rec["prompt"], completion=rec["completion"],
+                           refused=rec["refused"]))
+  table = report_lib.Table(
+    "refusal_rates",
+    ["set", "n", "refused", "refusal_rate", "ci95_low", "ci95_high", "mean_refusal_score", "goal"],
+    rows, caption="Greedy generations judged by substring refusal prefixes; 95% Wilson intervals. "
+    "mean_refusal_score: log-odds (nats) of a refusal-start token at the last prompt position.",
+  )
+  rates = [r.refusal_rate for r in results]
+  err = np.array([[r.refusal_rate - r.interval[0] for r in results], [r.interval[1] - r.refusal_rate for r in results]])
+  fig = report_lib.bar_chart([r.name for r in results], rates, errors=err, title="Refusal rate by prompt set",
+                             ylabel="refusal rate")
+  return report_lib.Section(
+    key="behavior", title="Behavioral safety", summary=summary, tables=[table],
+    figures=[report_lib.Figure("refusal_rates", fig, "Refusal rate with 95% Wilson intervals")],
+    examples=examples,
+    notes="Refusal is judged by case-insensitive substring match against refusal prefixes "
+    "(lvs_jax.judges); such judges over-count refusals that merely mention e.g. 'I cannot', and miss "
+    "refusals phrased otherwise. Every generation is in tables/ and generations/*.jsonl.",
+  )

