@@ -240,6 +240,92 @@ def _capture(h, positions_idx):
   return jnp.take_along_axis(h, positions_idx[..., None], axis=1)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What every layer of one call shares: RoPE positions [B, T], the attention mask
+  [B, 1, 1, T, S] (see attention_mask_4d) and the first slot `start` of the call's tokens."""
+
+  positions: jax.Array
+  mask: jax.Array
+  start: jax.Array | int = 0
+
+
+def context(attention_mask: jax.Array, cfg: ModelConfig) -> Context:
+  """The Context of a cache-free call on a [B, T] batch (slots 0..T-1)."""
+  attention_mask = attention_mask.astype(jnp.int32)
+  T = attention_mask.shape[1]
+  return Context(positions_from_mask(attention_mask), attention_mask_4d(jnp.arange(T), attention_mask,
+                                                                         cfg.sliding_window), 0)
+
+
+def embed(params: Params, tokens: jax.Array) -> jax.Array:
+  """Token embeddings [B, T, D] in the params' dtype."""
+  return params.embed[tokens].astype(params.embed.dtype)
+
+
+def unembed(params: Params, h: jax.Array, cfg: ModelConfig, logits_positions: jax.Array | None = None) -> jax.Array:
+  """Final norm and LM head: h [B, T, D] -> float32 logits [B, T, V] (or [B, P, V] at logits_positions)."""
+  if logits_positions is not None:
+    h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)
+  h = rms_norm(h, params.final_norm, cfg.rms_eps)
+  head = params.embed.T if params.lm_head is None else params.lm_head
+  return jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
+
+
+def block(
+  cfg: ModelConfig,
+  ctx: Context,
+  h: jax.Array,
+  lp: LayerParams,
+  le: dict | None = None,
+  ck: jax.Array | None = None,
+  cv: jax.Array | None = None,
+  *,
+  capture: Sequence[str] = (),
+  capture_positions: jax.Array | None = None,
+):
+  """One transformer block on h [B, T, D] with this layer's weights `lp` (no L axis) and edit slice.
+
+  ck, cv: this layer's KV cache [B, S, K, Dh] (None: attend to this call's tokens only).
+  Returns (h, captured {site: [B, P, D]}, ck, cv).
+  """
+  le = le or {}
+  out = {}
+  dtype = h.dtype
+
+  def site(name, x):
+    x = edit_lib.apply_site(x, le.get(name), ctx.start)
+    if name in capture:
+      out[name] = _capture(x, capture_positions)
+    return x
+
+  inv_freq = rope_inv_freq(cfg)
+  h = site("resid_pre", h)
+  x = rms_norm(h, lp.attn_norm, cfg.rms_eps)
+  q = jnp.einsum("btd,dhk->bthk", x, lp.wq)
+  k = jnp.einsum("btd,dhk->bthk", x, lp.wk)
+  v = jnp.einsum("btd,dhk->bthk", x, lp.wv)
+  if lp.bq is not None:
+    q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
+  q = rope(q, ctx.positions, inv_freq)
+  k = rope(k, ctx.positions, inv_freq)
+  if ck is not None:
+    ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), ctx.start, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), ctx.start, axis=1)
+    k_all, v_all = ck.astype(dtype), cv.astype(dtype)
+  else:
+    k_all, v_all = k, v
+  a = attend(q, k_all, v_all, ctx.mask, cfg)
+  a = jnp.einsum("bthk,hkd->btd", a, lp.wo)
+  h = h + site("attn_out", a)
+  x = rms_norm(h, lp.mlp_norm, cfg.rms_eps)
+  m = jax.nn.silu(x @ lp.w_gate) * (x @ lp.w_up)
+  h = h + site("mlp_out", m @ lp.w_down)
+  h = site("resid_post", h)
+  return h, out, ck, cv
+
+
 def forward(
   params: Params,
   tokens: jax.Array,
@@ -286,58 +372,22 @@ def forward(
         keepdims=True,
       )
       positions = before + positions_from_mask(attention_mask)
-  q_slots = start + jnp.arange(T)
-  mask = attention_mask_4d(q_slots, key_valid, cfg.sliding_window)
-  inv_freq = rope_inv_freq(cfg)
-  dtype = params.embed.dtype
+  ctx = Context(
+    positions=positions, mask=attention_mask_4d(start + jnp.arange(T), key_valid, cfg.sliding_window), start=start
+  )
+  h = embed(params, tokens)
 
-  h = params.embed[tokens].astype(dtype)
-
-  def block(h, xs):
+  def body(h, xs):
     lp, le, ck, cv = xs
-    le = le or {}
-    out = {}
-
-    def site(name, x):
-      x = edit_lib.apply_site(x, le.get(name), start)
-      if name in capture:
-        out[name] = _capture(x, capture_positions)
-      return x
-
-    h = site("resid_pre", h)
-    x = rms_norm(h, lp.attn_norm, cfg.rms_eps)
-    q = jnp.einsum("btd,dhk->bthk", x, lp.wq)
-    k = jnp.einsum("btd,dhk->bthk", x, lp.wk)
-    v = jnp.einsum("btd,dhk->bthk", x, lp.wv)
-    if lp.bq is not None:
-      q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
-    q = rope(q, positions, inv_freq)
-    k = rope(k, positions, inv_freq)
-    if ck is not None:
-      ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), start, axis=1)
-      cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=1)
-      k_all, v_all = ck.astype(dtype), cv.astype(dtype)
-    else:
-      k_all, v_all = k, v
-    a = attend(q, k_all, v_all, mask, cfg)
-    a = jnp.einsum("bthk,hkd->btd", a, lp.wo)
-    h = h + site("attn_out", a)
-    x = rms_norm(h, lp.mlp_norm, cfg.rms_eps)
-    m = jax.nn.silu(x @ lp.w_gate) * (x @ lp.w_up)
-    h = h + site("mlp_out", m @ lp.w_down)
-    h = site("resid_post", h)
+    h, out, ck, cv = block(cfg, ctx, h, lp, le, ck, cv, capture=capture, capture_positions=capture_positions)
     return h, (out, ck, cv)
 
-  body = jax.checkpoint(block) if remat else block
+  if remat:
+    body = jax.checkpoint(body)
   ck = cv = None
   if cache is not None:
     ck, cv = cache.k, cache.v
   h, (captured, ck, cv) = jax.lax.scan(body, h, (params.layers, edit, ck, cv))
-
-  if logits_positions is not None:
-    h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)
-  h = rms_norm(h, params.final_norm, cfg.rms_eps)
-  head = params.embed.T if params.lm_head is None else params.lm_head
-  logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
+  logits = unembed(params, h, cfg, logits_positions)
   new_cache = None if cache is None else KVCache(ck, cv, key_valid)
   return Output(logits=logits, captured=captured, cache=new_cache)
