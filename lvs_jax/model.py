@@ -140,9 +140,15 @@ def check_params(params: Params, cfg: ModelConfig, where: str = "params") -> Non
 # ----------------------------------------------------------------------------- components
 
 
+def acc_dtype(dtype) -> jnp.dtype:
+  """Accumulation dtype: float32 for bf16/f16/f32 inputs, float64 when running in float64."""
+  return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm computed in float32, cast back to x.dtype before the weight (as transformers does)."""
-  xf = x.astype(jnp.float32)
+  """RMSNorm computed in float32 (float64 for float64 input), cast back to x.dtype before the weight
+  (as transformers does)."""
+  xf = x.astype(acc_dtype(x.dtype))
   xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
   return w * xf.astype(x.dtype)
 
@@ -195,9 +201,10 @@ def attention_mask_4d(
 def attend(q, k, v, mask, cfg: ModelConfig) -> jax.Array:
   """GQA attention. q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,1,1,T,S] -> [B,T,H,Dh]."""
   q = einops.rearrange(q, "b t (k g) d -> b k g t d", k=cfg.n_kv_heads)
-  scores = jnp.einsum("bkgtd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  acc = acc_dtype(q.dtype)
+  scores = jnp.einsum("bkgtd,bskd->bkgts", q, k, preferred_element_type=acc)
   scores = scores * (cfg.head_dim**-0.5)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(mask, scores, jnp.finfo(acc).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->bkgtd", probs, v)
   return einops.rearrange(out, "b k g t d -> b t (k g) d")
@@ -265,12 +272,13 @@ def embed(params: Params, tokens: jax.Array) -> jax.Array:
 
 
 def unembed(params: Params, h: jax.Array, cfg: ModelConfig, logits_positions: jax.Array | None = None) -> jax.Array:
-  """Final norm and LM head: h [B, T, D] -> float32 logits [B, T, V] (or [B, P, V] at logits_positions)."""
+  """Final norm and LM head: h [B, T, D] -> logits [B, T, V] (or [B, P, V] at logits_positions), float32
+  (float64 when the params are float64)."""
   if logits_positions is not None:
     h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)
   h = rms_norm(h, params.final_norm, cfg.rms_eps)
   head = params.embed.T if params.lm_head is None else params.lm_head
-  return jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
+  return jnp.einsum("btd,dv->btv", h, head, preferred_element_type=acc_dtype(h.dtype))
 
 
 def block(
