@@ -1,0 +1,186 @@
+"""Perturbation sweeps and projected-gradient latent attacks on a tiny model; LVS statistics."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny
+
+from lvs_jax import edit as edit_lib
+from lvs_jax import lvs, sweeps
+from lvs_jax import model as model_lib
+
+IDS = jnp.array([5, 7])
+
+
+def _batch(cfg, seed=0, B=3, tp=10, tt=4):
+  rng = np.random.RandomState(seed)
+  toks = rng.randint(3, cfg.vocab_size, (B, tp + tt)).astype(np.int32)
+  pm = np.ones((B, tp), np.int32)
+  pm[1, :3] = 0
+  tm = np.ones((B, tt), np.int32)
+  tm[2, 2:] = 0
+  mask = np.concatenate([pm, tm], 1)
+  return sweeps.SweepBatch(jnp.asarray(toks), jnp.asarray(mask),
+                           jnp.asarray(np.concatenate([pm, np.zeros_like(tm)], 1)), jnp.asarray(tm), tp)
+
+
+def _edit_metrics(params, cfg, batch, layer, vec_rel, where):
+  lm = edit_lib.layer_mask(cfg.n_layers, layer)[:, None, None, None]
+  add = lm * vec_rel[None, None, None] * where[None, ..., None]
+  out = model_lib.forward(params, batch.tokens, cfg, attention_mask=batch.mask,
+                          edit={"resid_pre": edit_lib.SiteEdit(add_rel=add)},
+                          logits_positions=sweeps.readout_positions(batch))
+  return sweeps.metrics_from_logits(out.logits, batch, IDS)
+
+
+def test_sweep_equals_python_loop_over_edit_cells_and_traces_once():
+  cfg, params = tiny("llama")
+  batch = _batch(cfg)
+  layers, mags = jnp.array([2, 0, 1]), jnp.array([0.0, 0.2, 0.5])
+  dirs = sweeps.with_negatives(sweeps.random_directions(jax.random.key(1), 2, cfg.d_model))
+  f = jax.jit(chex.assert_max_traces(sweeps.sweep.__wrapped__, n=1), static_argnames=("cfg", "relative", "last_only",
+                                                                                         "chunk"))
+  res = f(params, cfg, batch, layers, mags, dirs, IDS, chunk=5)
+  res = f(params, cfg, batch, layers, mags * 2, dirs, IDS, chunk=5)  # new values, no retrace
+  for li, layer in enumerate(np.asarray(layers)):
+    for mi, m in enumerate(np.asarray(mags) * 2):
+      for di in range(dirs.shape[0]):
+        met = _edit_metrics(params, cfg, batch, int(layer), m * dirs[di], batch.prompt_mask.astype(jnp.float32))
+        np.testing.assert_allclose(res["refusal_score"][li, mi, di], met["refusal_score"], atol=1e-4)
+        np.testing.assert_allclose(res["target_logprob"][li, mi, di], met["target_logprob"], atol=1e-4)
+  np.testing.assert_allclose(res["refusal_delta"][:, 0], 0.0, atol=1e-5)  # magnitude 0 == clean
+  np.testing.assert_allclose(res["kl"][:, 0], 0.0, atol=1e-6)
+  assert float(res["kl"][:, 2].min()) > 0
+
+
+def test_sweep_per_layer_directions_and_last_only():
+  cfg, params = tiny("llama")
+  batch = _batch(cfg)
+  per_layer = jax.random.normal(jax.random.key(4), (2, cfg.n_layers, cfg.d_model))
+  res = sweeps.sweep(params, cfg, batch, jnp.array([1]), jnp.array([0.3]), per_layer, IDS, last_only=True)
+  where = jnp.zeros(batch.prompt_mask.shape).at[:, batch.last].set(1.0)
+  for di in range(2):
+    u = per_layer[di, 1] / jnp.linalg.norm(per_layer[di, 1])
+    met = _edit_metrics(params, cfg, batch, 1, 0.3 * u, where)
+    np.testing.assert_allclose(res["refusal_score"][0, 0, di], met["refusal_score"], atol=1e-4)
+  with pytest.raises(ValueError, match="directions must be"):
+    sweeps.sweep(params, cfg, batch, jnp.array([1]), jnp.array([0.3]), jnp.ones((2, 5, cfg.d_model)), IDS)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("scope", ["token", "sequence"])
+@pytest.mark.parametrize("relative", [True, False])
+def test_attack_delta_stays_inside_the_ball(norm, scope, relative):
+  cfg, params = tiny("llama")
+  batch = _batch(cfg)
+  acfg = lvs.AttackConfig(norm=norm, scope=scope, relative=relative, steps=4, step_size=0.6, success_loss=-1.0)
+  eps = 0.3 if relative else 2.0
+  r = lvs.pgd_attack(params, cfg, batch, IDS, 1, eps, jax.random.key(0), acfg)
+  resid, _ = sweeps.clean_pass(params, cfg, batch, IDS)
+  h = resid[1] * batch.prompt_mask[..., None].astype(jnp.float32)
+  d = np.asarray(r.delta)
+  where = np.asarray(batch.prompt_mask, bool)
+  assert np.all(d[~where] == 0)
+  hn = np.asarray(h)
+  D = cfg.d_model
+  if norm == "l2" and scope == "token":
+    bound = eps * (np.linalg.norm(hn, axis=-1) if relative else 1.0)
+    assert np.all(np.linalg.norm(d, axis=-1) <= bound * (1 + 1e-5) + 1e-7)
+  elif norm == "l2":
+    bound = eps * (np.sqrt((hn ** 2).sum((1, 2))) if relative else 1.0)
+    assert np.all(np.sqrt((d ** 2).sum((1, 2))) <= bound * (1 + 1e-5))
+  elif scope == "token":
+    bound = eps * (np.linalg.norm(hn, axis=-1, keepdims=True) / np.sqrt(D) if relative else 1.0)
+    assert np.all(np.abs(d) <= bound * (1 + 1e-5) + 1e-7)
+  else:
+    n = where.sum(1)[:, None, None]
+    bound = eps * (np.sqrt((hn ** 2).sum((1, 2), keepdims=True) / (n * D)) if relative else 1.0)
+    assert np.all(np.abs(d) <= bound * (1 + 1e-5))
+  # A strong attack reaches the boundary somewhere (the projection is active, not vacuous).
+  assert np.abs(d).max() > 0
+
+
+def test_zero_radius_leaves_logits_unchanged():
+  cfg, params = tiny("llama")
+  batch = _batch(cfg)
+  r = lvs.pgd_attack(params, cfg, batch, IDS, 1, 0.0, jax.random.key(0), lvs.AttackConfig(steps=3))
+  assert float(jnp.abs(r.delta).max()) == 0.0
+  _, clean = sweeps.clean_pass(params, cfg, batch, IDS)
+  np.testing.assert_allclose(r.final_loss, clean["target_nll_per_token"], atol=1e-6)
+
+
+def test_attack_gradient_matches_finite_difference():
+  """In float64, so the central difference is accurate enough to test the gradient tightly."""
+  with jax.enable_x64(True):
+    cfg, params = tiny("llama")
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    batch = _batch(cfg)
+    resid, _ = sweeps.clean_pass(params, cfg, batch, IDS)
+    ctx = model_lib.context(batch.mask, cfg)
+    acfg = lvs.AttackConfig()
+    where = batch.prompt_mask[..., None].astype(jnp.float64)
+
+    def loss(delta):
+      return lvs.attack_loss(params, cfg, ctx, batch, IDS, resid[1], jnp.int32(1), delta, acfg).sum()
+
+    d0 = jax.random.normal(jax.random.key(3), resid[1].shape, jnp.float64) * 0.05 * where
+    g = jax.grad(loss)(d0)
+    v = jax.random.normal(jax.random.key(5), d0.shape, jnp.float64) * where
+    h = 1e-4
+    fd = (loss(d0 + h * v) - loss(d0 - h * v)) / (2 * h)
+    np.testing.assert_allclose(float(jnp.vdot(g, v)), float(fd), rtol=1e-6)
+
+
+def test_planted_easy_direction_is_found():
+  """At the last layer, adding the target token's unembedding row raises its log-prob by
+  construction; the sweep shows it and PGD finds a perturbation that makes the target likely."""
+  cfg, params = tiny("llama")
+  B, tp = 2, 8
+  rng = np.random.RandomState(1)
+  target_tok = 11
+  toks = np.concatenate([rng.randint(3, cfg.vocab_size, (B, tp)), np.full((B, 1), target_tok)], 1).astype(np.int32)
+  batch = sweeps.SweepBatch(jnp.asarray(toks), jnp.ones_like(jnp.asarray(toks)),
+                            jnp.asarray(np.concatenate([np.ones((B, tp)), np.zeros((B, 1))], 1).astype(np.int32)),
+                            jnp.ones((B, 1), jnp.int32), tp)
+  head = params.lm_head[:, target_tok]
+  res = sweeps.sweep(params, cfg, batch, jnp.array([cfg.n_layers - 1]), jnp.array([0.0, 0.5, 1.0, 2.0]),
+                     head[None], IDS, last_only=True)
+  lp = np.asarray(res["target_logprob"][0, :, 0])  # [nM, B]
+  assert np.all(np.diff(lp, axis=0) > 0), lp
+  # RMSNorm bounds how far one direction can push the logit: NLL saturates near 0.24 on this model.
+  acfg = lvs.AttackConfig(steps=40, step_size=0.2, success_loss=0.3)
+  r = lvs.pgd_attack(params, cfg, batch, IDS, cfg.n_layers - 1, 3.0, jax.random.key(0), acfg)
+  assert bool(r.loss_success.all()), r.final_loss
+  assert float(r.final_loss.max()) < 0.3 and float(-lp[0].min()) > 3.0  # clean target NLL is > 3 nats
+
+
+def test_pgd_grid_equals_single_attacks():
+  cfg, params = tiny("llama")
+  batch = _batch(cfg)
+  acfg = lvs.AttackConfig(steps=3, random_start=False)
+  grid = lvs.pgd_grid(params, cfg, batch, IDS, jnp.array([0, 2]), jnp.array([0.1, 0.4]), jax.random.key(0), acfg)
+  assert grid.delta.shape == (2, 2, *batch.tokens.shape, cfg.d_model)
+  for li, layer in enumerate([0, 2]):
+    for ri, eps in enumerate([0.1, 0.4]):
+      one = lvs.pgd_attack(params, cfg, batch, IDS, layer, eps, jax.random.key(0), acfg)
+      np.testing.assert_allclose(grid.final_loss[li, ri], one.final_loss, atol=1e-5)
+
+
+def test_lvs_statistics():
+  radii = np.array([0.1, 0.2, 0.4])
+  success = np.array([[True, False, False], [True, True, False], [True, True, True]])  # [nR, N]
+  eps = lvs.breaking_radius(success, radii)
+  np.testing.assert_array_equal(eps, [0.1, 0.2, 0.4])
+  np.testing.assert_allclose(lvs.success_curve(eps, radii), [1 / 3, 2 / 3, 1.0])
+  # trapezoid: 0->0.1: (0+1/3)/2*0.1, 0.1->0.2: (1/3+2/3)/2*0.1, 0.2->0.4: (2/3+1)/2*0.2; / 0.4
+  expected = ((1 / 3) / 2 * 0.1 + 0.5 * 0.1 + (5 / 3) / 2 * 0.2) / 0.4
+  np.testing.assert_allclose(lvs.lvs_score(eps, radii), expected)
+  assert lvs.lvs_score(np.full(5, np.inf), radii) == 0.0
+  np.testing.assert_allclose(lvs.lvs_score(np.full(5, 0.1), radii), 1 - 0.1 / (2 * 0.4))
+  val, lo, hi = lvs.bootstrap_lvs(np.array([[0.1, 0.2, np.inf, 0.4] * 5, [np.inf] * 20]), radii, n_boot=200)
+  assert lo[0] <= val[0] <= hi[0] and hi[0] > lo[0]
+  assert val[1] == lo[1] == hi[1] == 0.0
+  with pytest.raises(ValueError, match="radii must increase"):
+    lvs.breaking_radius(success, radii[::-1])
