@@ -23,7 +23,7 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from lvs_jax import behavior, data
+  from lvs_jax import behavior, data, lvs_audit
   from lvs_jax import report as report_lib
   from lvs_jax.io import registry
 
@@ -48,6 +48,9 @@ def main(argv):
       prefixes=cfg.judge_prefixes, cache_path=os.path.join(workdir, "generations", f"{name}.jsonl"),
     ))
   rep.add_section(behavior.behavior_section(results, n_examples=cfg.n_examples))
+  if cfg.lvs.enabled:
+    prompts, targets = lvs_audit.load_targets(cfg.lvs)
+    rep.add_section(lvs_audit.run(model, prompts, targets, cfg.lvs, workdir))
   html = rep.render_html()
   print(report_lib.print_summary(rep.load()))
   print(f"report: {html}")

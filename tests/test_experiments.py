@@ -52,3 +52,27 @@ def test_audit_bad_prompt_path_fails_before_loading_the_model(tmp_path):
   )
   assert r.returncode != 0
   assert "/nonexistent/prompts.json" in r.stderr
+
+
+@needs_model
+@pytest.mark.real_model
+def test_lvs_smoke_writes_section_and_resumes_cell_by_cell(tmp_path):
+  cfg = os.path.join(ROOT, "experiments", "configs", "lvs.py") + ":smoke"
+  r = _run("lvs.py", cfg, tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rep = json.loads((tmp_path / "report.json").read_text())
+  sec = rep["sections"]["lvs"]
+  assert sec["summary"]["n_attacked"] == 3
+  assert 0.0 <= sec["summary"]["model_lvs_mean"] <= 1.0
+  cells = sorted((tmp_path / "lvs" / "cells").iterdir())
+  assert [c.name for c in cells] == ["l1_r0.json", "l1_r1.json", "l20_r0.json", "l20_r1.json"]
+  assert (tmp_path / "lvs" / "sweep.npz").exists()
+  # Kill-and-resume, simulated: drop one finished cell; a re-run recomputes only that one.
+  stamps = {c.name: c.stat().st_mtime_ns for c in cells}
+  (tmp_path / "lvs" / "cells" / "l20_r1.json").unlink()
+  r2 = _run("lvs.py", cfg, tmp_path)
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  for c in sorted((tmp_path / "lvs" / "cells").iterdir()):
+    if c.name != "l20_r1.json":
+      assert c.stat().st_mtime_ns == stamps[c.name], c.name
+  assert (tmp_path / "lvs" / "cells" / "l20_r1.json").exists()

@@ -7,9 +7,12 @@ Smoke run (2 prompts a set, 8 tokens; what the test suite runs):
   python experiments/audit.py --config=experiments/configs/audit.py:smoke --workdir=/tmp/audit_smoke
 
 Overrides: --config.model=/path/to/model.gguf --config.max_new_tokens=128 --config.dtype=bfloat16
+With the latent-vulnerability section: --config.lvs.enabled=True
 """
 
 import ml_collections
+
+from lvs_jax import lvs_audit
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,7 +30,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sets.harmless = dict(path="harmless_val.json", n=100)
   c.sets.xstest_safe = dict(path="xstest_prompts.csv", label="safe", n=0)
   c.sets.xstest_unsafe = dict(path="xstest_prompts.csv", label="unsafe", n=0)
+  # Latent vulnerability section (experiments/lvs.py runs it alone): off by default, it takes
+  # 10-20 CPU minutes. Enable with --config.lvs.enabled=True.
+  c.lvs = lvs_audit.default_config()
+  c.lvs.enabled = False
   if arg == "smoke":
+    lvs_audit.make_smoke(c.lvs)
     c.max_new_tokens = 8
     c.batch_size = 2
     for name in c.sets:

@@ -1,0 +1,22 @@
+r"""Latent Vulnerability Score: sweeps and PGD latent attacks per layer, LVS with CIs, the audit gap.
+
+Default (sized for a 2-core CPU, ~10-20 min on SmolLM2-135M; widen layers/radii/steps on a GPU):
+  python experiments/lvs.py --config=experiments/configs/lvs.py --workdir=/tmp/lvs
+On the safety-tuned anchor:
+  python experiments/lvs.py --config=experiments/configs/lvs.py --workdir=/tmp/lvs_aligned \
+    --config.model=smollm2-135m-aligned
+Smoke run (tests): --config=experiments/configs/lvs.py:smoke
+"""
+
+from lvs_jax import lvs_audit
+
+
+def get_config(arg: str | None = None):
+  c = lvs_audit.default_config()
+  c.model = "smollm2-135m-instruct"
+  c.dtype = "float32"
+  if arg == "smoke":
+    lvs_audit.make_smoke(c)
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}; expected '' or 'smoke'")
+  return c
