@@ -343,6 +343,7 @@ def forward(
   edit: edit_lib.Edit | None = None,
   capture: Sequence[str] = (),
   capture_positions: jax.Array | None = None,
+  capture_layers: Sequence[int] | None = None,
   cache: KVCache | None = None,
   start: jax.Array | int = 0,
   positions: jax.Array | None = None,
@@ -355,7 +356,8 @@ def forward(
   marks real tokens (default: all). With a cache, the tokens fill slots [start, start+T) of it,
   `attention_mask` [B, T] marks which of them are real, and `positions` [B, T] gives their RoPE
   positions (default: derived from the cache's valid slots). capture_positions: [B, P] slot
-  indices (relative to this call's tokens) to keep, instead of all T. logits_positions: [B, P]
+  indices (relative to this call's tokens) to keep, instead of all T. capture_layers: keep only these
+  layers (in this order) on the captured L axis. logits_positions: [B, P]
   token indices whose logits to compute (default all T) -- e.g. only the last one.
   """
   B, T = tokens.shape
@@ -396,6 +398,11 @@ def forward(
   if cache is not None:
     ck, cv = cache.k, cache.v
   h, (captured, ck, cv) = jax.lax.scan(body, h, (params.layers, edit, ck, cv))
+  if capture_layers is not None:
+    idx = np.asarray(capture_layers, np.int32)
+    if idx.size and (idx.min() < 0 or idx.max() >= cfg.n_layers):
+      raise ValueError(f"capture_layers {list(capture_layers)} out of range for {cfg.n_layers} layers")
+    captured = {k: v[idx] for k, v in captured.items()}
   logits = unembed(params, h, cfg, logits_positions)
   new_cache = None if cache is None else KVCache(ck, cv, key_valid)
   return Output(logits=logits, captured=captured, cache=new_cache)

@@ -328,3 +328,19 @@ def test_bad_edit_errors():
     model_lib.forward(params, toks, cfg, edit={"resid_pre": edit_lib.SiteEdit(add=jnp.zeros((2, 1, 1, 64)))})
   with pytest.raises(ValueError, match="unknown capture site"):
     model_lib.forward(params, toks, cfg, capture=("mlp",))
+
+
+def test_capture_at_chosen_layers_and_positions():
+  cfg, params = tiny("llama")
+  toks = jnp.asarray(_tokens(cfg))
+  full = model_lib.forward(params, toks, cfg, capture=("attn_out", "resid_post")).captured
+  pos = jnp.array([[3, 23], [0, 5]])
+  got = model_lib.forward(params, toks, cfg, capture=("attn_out", "resid_post"), capture_layers=(2, 0),
+                          capture_positions=pos).captured
+  for site in ("attn_out", "resid_post"):
+    assert got[site].shape == (2, 2, 2, cfg.d_model)
+    for li, layer in enumerate((2, 0)):
+      for b in range(2):
+        np.testing.assert_array_equal(np.asarray(got[site][li, b]), np.asarray(full[site][layer, b, pos[b]]))
+  with pytest.raises(ValueError, match="capture_layers \\[5\\] out of range for 3 layers"):
+    model_lib.forward(params, toks, cfg, capture=("resid_post",), capture_layers=(5,))

@@ -101,3 +101,15 @@ def test_chat_template_matches_transformers(models):
   assert ours.tokenizer.format_chat(PROMPTS[0]) == ref
   ids = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
   assert ours.tokenizer.encode(ref) == list(ids)
+
+
+def test_bad_prompts_fail_with_one_clear_error(models):
+  from lvs_jax import generate as gen
+  from lvs_jax.tokenizer import PromptError
+
+  ours, _ = models
+  with pytest.raises(PromptError, match="empty prompt set"):
+    gen.generate(ours, [])
+  long = "word " * 9000  # > 8192 tokens of context
+  with pytest.raises(PromptError, match=r"prompt 1 has \d+ tokens; with max_new_tokens=64 the context of 8192"):
+    gen.generate(ours, ["Hi", long])
