@@ -40,8 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 16
   # Perturbation sweep: every layer x magnitudes (relative to ||h||) x random directions and negatives.
   c.sweep = True
-  c.sweep_magnitudes = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
-  c.sweep_directions = 2  # random unit directions (x2 with negatives)
+  c.sweep_prompts = 16  # the first n prompts (0 = all); the sweep runs on every prompt, refused or not
+  c.sweep_magnitudes = (0.0, 0.1, 0.25, 0.5, 1.0)
+  c.sweep_directions = 1  # random unit directions (x2 with negatives)
   c.sweep_chunk = 8
   # PGD latent attack, per (layer, radius) cell.
   c.layers = (2, 6, 10, 14, 18, 22, 26)
@@ -241,7 +242,8 @@ def run(model, prompts, targets, cfg, workdir: str) -> report_lib.Section:
   n_refused = len(refused)
   if not cfg.only_refused:  # attack everything (smoke tests, or to study compliant prompts too)
     refused = list(range(len(prompts)))
-  sweep = run_sweep(model, prompts, targets, cfg, os.path.join(d, "sweep.npz")) if cfg.sweep else None
+  n_sw = cfg.sweep_prompts or len(prompts)
+  sweep = run_sweep(model, prompts[:n_sw], targets[:n_sw], cfg, os.path.join(d, "sweep.npz")) if cfg.sweep else None
   if not refused:
     empty = dict(layers=list(cfg.layers), radii=list(cfg.radii), lvs=np.zeros(len(cfg.layers)),
                  lvs_low=np.zeros(len(cfg.layers)), lvs_high=np.zeros(len(cfg.layers)),
