@@ -1,0 +1,54 @@
+"""What every experiment main shares: the --config / --workdir / --distributed flags, start-up, and
+writing a section into the workdir's report.
+
+  from lvs_jax import cli
+  cli.define_flags("LVS config file.")
+
+  def main(argv):
+    cfg, workdir = cli.setup(argv)
+    ...
+    cli.write_section(workdir, section, model=cfg.model, ...)
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def define_flags(config_help: str = "Experiment config file.") -> None:
+  """Defines --workdir (required), --distributed and --config (a Python config file, locked)."""
+  flags.DEFINE_string("workdir", None, "Directory for everything the run writes; re-running resumes.", required=True)
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs; or LVS_DISTRIBUTED=1).")
+  config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+
+
+def setup(argv):
+  """Offline hub, optional jax.distributed, the workdir created. Returns (config, workdir)."""
+  del argv
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  import jax
+
+  f = flags.FLAGS
+  if f.distributed or os.environ.get("LVS_DISTRIBUTED"):
+    jax.distributed.initialize()
+  os.makedirs(f.workdir, exist_ok=True)
+  return f.config, f.workdir
+
+
+def write_section(workdir: str, section, verbose: bool = True, **meta) -> None:
+  """Adds `section` to workdir/report.json (keeping other experiments' sections), re-renders
+  report.html and (verbose) prints the summary of every section."""
+  import jax
+
+  from lvs_jax import report as report_lib
+
+  rep = report_lib.Report(workdir)
+  rep.set_meta(backend=jax.default_backend(), **meta)
+  rep.add_section(section)
+  html = rep.render_html()
+  if verbose:
+    print(report_lib.print_summary(rep.load()))
+    print(f"report: {html}")
