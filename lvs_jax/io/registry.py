@@ -93,3 +93,35 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float3
   if name is not None:
     loaded.name = name
   return loaded
+
+
+# --- Our aligned anchor: SmolLM2-135M-Instruct after safety SFT (built locally, never downloaded) ---
+
+ALIGNED_MODEL = "smollm2-135m-aligned"
+CACHE_ENV_VAR = "LVS_CACHE_DIR"
+ALIGNED_BUILD = (
+  "python experiments/train_sft.py --config=experiments/configs/safety_sft.py --workdir=/tmp/safety_sft"
+)
+
+
+def cache_dir() -> str:
+  """Where lvs_jax keeps models it builds: $LVS_CACHE_DIR, else ~/.cache/lvs_jax."""
+  return os.path.expanduser(os.environ.get(CACHE_ENV_VAR) or os.path.join("~", ".cache", "lvs_jax"))
+
+
+def aligned_model_dir() -> str:
+  """The HF checkpoint directory of `smollm2-135m-aligned` (merged weights, written by the build command)."""
+  return os.path.join(cache_dir(), "models", ALIGNED_MODEL)
+
+
+def _smollm2_135m_aligned() -> str:
+  path = aligned_model_dir()
+  if not all(os.path.exists(os.path.join(path, f)) for f in ("config.json", "model.safetensors")):
+    raise ModelNotFoundError(
+      f"model {ALIGNED_MODEL!r} is not built yet (no checkpoint at {path}). Build it (about 25 minutes on a "
+      f"2-core CPU; needs {SMOLLM2_INSTALL}) with:\n  {ALIGNED_BUILD}"
+    )
+  return path
+
+
+register(ALIGNED_MODEL, _smollm2_135m_aligned)

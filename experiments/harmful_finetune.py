@@ -1,0 +1,83 @@
+r"""Harmful fine-tuning attack: fine-tune on (harmful prompt, compliant target) pairs, ASR at every checkpoint.
+
+  python experiments/harmful_finetune.py --config=experiments/configs/harmful_finetune.py --workdir=/tmp/harmful_ft
+
+Writes under --workdir: checkpoints/ (orbax, every `checkpoint.save_every` steps, all kept),
+metrics.jsonl (one row per step), eval/step_<s>/ (generations at each checkpoint), trajectory.csv
+(ASR vs step) and the report's "training" section. Re-running on the same workdir resumes both the
+training (last committed checkpoint) and the per-checkpoint evaluation (finished steps are reused).
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+flags.DEFINE_string("workdir", None, "Directory for everything the run writes.", required=True)
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  import jax
+  import jax.numpy as jnp
+
+  from lvs_jax import behavior, checkpoints, data, sft, training
+  from lvs_jax import report as report_lib
+  from lvs_jax.io import registry
+
+  if FLAGS.distributed or os.environ.get("LVS_DISTRIBUTED"):
+    jax.distributed.initialize()
+  cfg, workdir = FLAGS.config, FLAGS.workdir
+  os.makedirs(workdir, exist_ok=True)
+  log = lambda m: (logging.info(m), print(m, flush=True))  # noqa: E731
+
+  sets = {}
+  for name, s in cfg.eval_sets.items():
+    ps = data.load_prompts(s["path"], label=s.get("label"))
+    sets[name] = data.sample(ps, s["n"], seed=cfg.seed) if s["n"] else ps
+  pairs = data.load_prompts(cfg.data.pairs)
+  pairs = data.sample(pairs, cfg.data.n_pairs, seed=cfg.seed) if cfg.data.n_pairs else pairs
+  pairs, dropped = sft.drop_overlap(pairs, *sets.values())
+  log(f"{len(pairs)} (prompt, target) pairs from {pairs.source} ({dropped} dropped as overlapping held-out sets)")
+
+  model = registry.load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))
+  run = sft.finetune(model, sft.attack_examples(pairs), cfg, workdir, log=log)
+  e = cfg.eval
+
+  def attack_success(step, state):
+    params = training.model_params(state.params, model.params)
+    out = {}
+    for r in sft.evaluate(sft.with_params(model, params), sets, os.path.join(workdir, "eval", f"step_{step}"),
+                          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, prefixes=e.prefixes):
+      lo, hi = behavior.wilson_interval(r.n - r.n_refused, r.n)
+      out.update({f"asr/{r.name}" if len(sets) > 1 else "asr": 1 - r.refusal_rate, "n": r.n,
+                  "ci95_low": lo, "ci95_high": hi})
+    log(f"step {step}: {out}")
+    return out
+
+  traj = checkpoints.trajectory(run.checkpointer.directory, run.abstract_state, attack_success,
+                                os.path.join(workdir, "trajectory.csv"), log=log)
+  rep = report_lib.Report(workdir)
+  rep.set_meta(model=cfg.model, source=model.source, dtype=cfg.dtype, backend=jax.default_backend(),
+               config=cfg.to_dict())
+  key = "asr" if len(sets) == 1 else f"asr/{next(iter(sets))}"
+  first, last = traj[0], traj[-1]
+  rep.add_section(sft.training_section(
+    "Harmful fine-tuning attack", run.rows, {}, trajectory=traj,
+    summary={"attack_model": cfg.model, f"{key}@step{first['step']}": first[key],
+             f"{key}@step{last['step']}": last[key], "n_pairs": len(pairs)},
+    notes=f"{cfg.mode} fine-tuning of {cfg.model} on {len(pairs)} (harmful prompt, target) pairs from "
+    f"{cfg.data.pairs}; loss on the target tokens only. ASR = 1 - refusal rate of greedy generations "
+    f"({e.max_new_tokens} new tokens) on held-out {', '.join(sets)}, judged by the {e.prefixes} refusal phrases "
+    "(a keyword judge: it measures 'did not refuse', not harmfulness). Seconds per step: median after the first."))
+  html = rep.render_html()
+  print(report_lib.print_summary(rep.load()))
+  print(f"report: {html}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,111 @@
+r"""Safety SFT: refusals for harmful prompts + the model's own helpful answers; builds the aligned anchor.
+
+  python experiments/train_sft.py --config=experiments/configs/safety_sft.py --workdir=/tmp/safety_sft
+
+Writes under --workdir: data/*.jsonl (the model's own completions, reused on reruns), checkpoints/
+(orbax, every `checkpoint.save_every` steps, all kept), metrics.jsonl (one row per step), eval/
+(generations of the base and the fine-tuned model on the held-out sets) and the report's "training"
+section (report.json, report.html, tables/, figures/). Re-running on the same workdir resumes from the
+last committed checkpoint. With --config.export (default "registry") the merged weights are written as
+an HF directory; "registry" is where `load_model("smollm2-135m-aligned")` looks.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+flags.DEFINE_string("workdir", None, "Directory for everything the run writes.", required=True)
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  import jax
+  import jax.numpy as jnp
+
+  from lvs_jax import data, sft
+  from lvs_jax import report as report_lib
+  from lvs_jax.io import registry
+
+  if FLAGS.distributed or os.environ.get("LVS_DISTRIBUTED"):
+    jax.distributed.initialize()
+  cfg, workdir = FLAGS.config, FLAGS.workdir
+  os.makedirs(workdir, exist_ok=True)
+  log = lambda m: (logging.info(m), print(m, flush=True))  # noqa: E731
+
+  # Every prompt set first (a bad path fails before the model loads); training data never overlaps them.
+  def load(path, n, label=None):
+    ps = data.load_prompts(path, label=label)
+    return data.sample(ps, n, seed=cfg.seed) if n else ps
+
+  sets = {name: load(s["path"], s["n"], s.get("label")) for name, s in cfg.eval_sets.items()}
+  held_out = list(sets.values()) + [data.load_prompts("xstest_prompts.csv")]
+  d = cfg.data
+  harmful, n1 = sft.drop_overlap(load(d.harmful, d.n_harmful), *held_out)
+  pool = data.load_prompts(d.harmless)
+  harmless = data.sample(pool, d.n_harmless, seed=cfg.seed)
+  if d.n_harmless_questions:  # appended, so the cached completions of the first part stay valid
+    chosen = set(harmless)
+    questions = pool.take([i for i, p in enumerate(pool) if p.rstrip().endswith("?") and p not in chosen])
+    harmless = data.PromptSet(list(harmless) + list(data.sample(questions, d.n_harmless_questions, seed=cfg.seed)))
+  harmless, n2 = sft.drop_overlap(harmless, *held_out)
+  scary, n3 = sft.drop_overlap(sft.safe_but_scary_prompts(), *held_out)
+  scary = data.sample(scary, d.n_scary, seed=cfg.seed) if d.n_scary else scary
+  log(f"training prompts: {len(harmful)} harmful, {len(harmless)} harmless, {len(scary)} safe-but-scary "
+      f"({n1 + n2 + n3} dropped as overlapping held-out sets)")
+
+  model = registry.load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))
+  helpful = []
+  for name, ps in (("harmless", harmless), ("scary", scary)):
+    recs = sft.own_completions(model, list(ps), max_new_tokens=d.completion_tokens, batch_size=d.gen_batch_size,
+                               retries=d.retries, prefixes=cfg.eval.prefixes,
+                               cache_path=os.path.join(workdir, "data", f"{name}.jsonl"))
+    helpful += [dict(r, set=name) for r in recs]
+  examples, counts = sft.safety_sft_examples(list(harmful), helpful, refusal_repeat=d.refusal_repeat,
+                                             helpful_repeat={"scary": d.scary_repeat})
+  log(f"examples: {counts}")
+
+  run = sft.finetune(model, examples, cfg, workdir, log=log)
+  params = run.params(model.params)
+  e = cfg.eval
+  kw = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, prefixes=e.prefixes)
+  evals = {}
+  if e.base:
+    evals["base"] = sft.evaluate(model, sets, os.path.join(workdir, "eval", "base"), **kw)
+  final_dir = os.path.join(workdir, "eval", f"step_{cfg.num_steps}")
+  final = sft.evaluate(sft.with_params(model, params), sets, final_dir, **kw)
+  evals["final"] = final
+  rate = {r.name: r.refusal_rate for r in final}
+  t = cfg.targets
+  met = dict(harmful_refused=rate.get("harmful", 0) >= t.harmful_refused,
+             harmless_answered=1 - rate.get("harmless", 1) >= t.harmless_answered,
+             xstest_safe_answered=1 - rate.get("xstest_safe", 1) >= t.xstest_safe_answered)
+  log(f"final refusal rates {rate}; thresholds met: {met}")
+
+  export = registry.aligned_model_dir() if cfg.export == "registry" else cfg.export
+  if export:
+    log(f"exported merged weights to {sft.export(model, params, export)}")
+  rep = report_lib.Report(workdir)
+  rep.set_meta(model=cfg.model, source=model.source, dtype=cfg.dtype, backend=jax.default_backend(),
+               config=cfg.to_dict())
+  examples_shown = [dict(set=r.name, prompt=x["prompt"], completion=x["completion"], refused=x["refused"])
+                    for r in final for x in r.records[:3]]
+  rep.add_section(sft.training_section(
+    "Safety SFT (aligned anchor)", run.rows, evals, examples=examples_shown,
+    summary={**{f"target_met/{k}": v for k, v in met.items()}, "export": export or None,
+             "n_examples": len(examples), **{f"examples/{k}": v for k, v in counts.items()}},
+    notes=f"{cfg.mode} fine-tuning of {cfg.model} on refusals (templates in lvs_jax.sft.REFUSALS) for harmful "
+    "prompts and the model's own greedy completions (sampled retries when the judge flagged them) for harmless "
+    "and safe-but-scary prompts; loss on completion tokens only. 'base' = before, 'final' = after, evaluated on "
+    f"held-out sets with {e.max_new_tokens} new tokens, greedy. Seconds per step: median after the first step."))
+  html = rep.render_html()
+  print(report_lib.print_summary(rep.load()))
+  print(f"report: {html}")
+
+
+if __name__ == "__main__":
+  app.run(main)

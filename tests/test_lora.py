@@ -1,0 +1,125 @@
+"""LoRA: zero-initialized B is the identity, one step moves only B, merge equals the unmerged forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import tiny, torch_model
+
+from lvs_jax import lora, training
+from lvs_jax import model as model_lib
+
+
+def _batch(cfg, k=1, b=2, T=12, seed=0):
+  rng = np.random.default_rng(seed)
+  tok = rng.integers(0, cfg.vocab_size, (k, b, T)).astype(np.int32)
+  mask = np.ones((k, b, T), np.float32)
+  mask[..., :4] = 0  # a 4-token "prompt"
+  return training.Batch(tokens=tok, targets=np.roll(tok, -1, axis=-1), loss_mask=mask,
+                        segment_ids=np.ones((k, b, T), np.int32),
+                        positions=np.broadcast_to(np.arange(T, dtype=np.int32), (k, b, T)).copy())
+
+
+def test_shapes_and_modules():
+  cfg, params = tiny()
+  lp = lora.init(jax.random.key(0), cfg, rank=4, alpha=8)
+  assert lp.modules == lora.ALL_MODULES and lp.rank == 4 and lp.scale == 2.0
+  assert lp.weights["q"].a.shape == (cfg.n_layers, cfg.d_model, 4)
+  assert lp.weights["q"].b.shape == (cfg.n_layers, 4, cfg.n_heads * cfg.head_dim)
+  assert lp.weights["o"].a.shape == (cfg.n_layers, cfg.n_heads * cfg.head_dim, 4)
+  assert lp.weights["down"].b.shape == (cfg.n_layers, 4, cfg.d_model)
+  assert jax.tree.structure(lp) == jax.tree.structure(lora.abstract_lora(cfg, 4, 8))
+  assert lora.init(jax.random.key(0), cfg, 2, 2, modules=("v", "q")).modules == ("q", "v")
+  with pytest.raises(ValueError, match="unknown"):
+    lora.init(jax.random.key(0), cfg, 2, 2, modules=("q", "mlp"))
+
+
+def test_zero_b_leaves_weights_and_outputs_unchanged():
+  cfg, params = tiny()
+  lp = lora.init(jax.random.key(1), cfg, rank=4, alpha=16)
+  merged = lora.apply(params, lp)
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(model_lib.forward(merged, tokens, cfg).logits),
+                                np.asarray(model_lib.forward(params, tokens, cfg).logits))
+
+
+def test_one_step_from_zero_b_keeps_outputs_at_step_zero_and_moves_only_b():
+  cfg, params = tiny()
+  lp = lora.init(jax.random.key(1), cfg, rank=4, alpha=8)
+  opt = training.make_optimizer(1e-2, weight_decay=0.0)
+  state = training.init_state(lp, opt)
+  batch = _batch(cfg)
+  step = training.make_train_step(cfg, opt, params, donate=False, remat=False)
+  new, metrics = step(state, batch)
+  # The step's loss (computed with the initial adapters) is exactly the base model's loss.
+  mb = jax.tree.map(lambda x: x[0], batch)
+  nll, (n, _) = training.loss_sums(params, None, mb, cfg)
+  np.testing.assert_array_equal(np.asarray(metrics["loss"]), np.asarray(nll / n))
+  # d loss / d a = 0 when b = 0, so Adam leaves a exactly where it was; b moves.
+  for m in lp.modules:
+    np.testing.assert_array_equal(np.asarray(new.params.weights[m].a), np.asarray(lp.weights[m].a))
+    assert float(jnp.abs(new.params.weights[m].b).max()) > 0
+  assert int(new.step) == 1
+
+
+def _random_lora(cfg, modules=lora.ALL_MODULES, seed=3):
+  lp = lora.init(jax.random.key(seed), cfg, rank=3, alpha=6, modules=modules)
+  keys = iter(jax.random.split(jax.random.key(seed + 1), len(lp.weights)))
+  return lora.LoraParams({m: lora.LoraWeights(w.a, 0.05 * jax.random.normal(next(keys), w.b.shape))
+                          for m, w in lp.weights.items()}, lp.scale)
+
+
+def test_merge_equals_unmerged_forward_in_torch():
+  """forward(merge(base, lora)) == a transformers model running W x + s B(A x) with hooks (unmerged)."""
+  import torch
+
+  cfg, params = tiny()
+  lp = _random_lora(cfg)
+  tm = torch_model(params, cfg)
+  names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+  for m, w in lp.weights.items():
+    a, b = np.asarray(w.a), np.asarray(w.b)
+    for i, layer in enumerate(tm.model.layers):
+      mod = layer.get_submodule(names[m])
+      A, B = torch.tensor(a[i]), torch.tensor(b[i])
+      mod.register_forward_hook(lambda _m, inp, out, A=A, B=B: out + lp.scale * (inp[0] @ A) @ B)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11))
+  with torch.no_grad():
+    want = tm(torch.tensor(tokens)).logits.numpy()
+  got = np.asarray(model_lib.forward(lora.merge(params, lp), jnp.asarray(tokens, jnp.int32), cfg).logits)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  # The same adapters inside the training forward (applied in the loss) give the same logits too.
+  seg = np.ones_like(tokens, np.int32)
+  pos = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+  inside = training.forward_train(training.model_params(lp, params), jnp.asarray(tokens, jnp.int32),
+                                  jnp.asarray(seg), jnp.asarray(pos), cfg)
+  np.testing.assert_allclose(np.asarray(inside), want, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_export_round_trips(tmp_path):
+  from lvs_jax.io import hf
+
+  cfg, params = tiny()
+  merged = lora.merge(params, _random_lora(cfg, modules=("q", "v", "down")))
+  hf.save_hf_dir(merged, cfg, path=tmp_path / "m")
+  back = hf.load_hf_params(tmp_path / "m", cfg)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(merged)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lora_training_reduces_loss_and_full_finetuning_too():
+  cfg, params = tiny()
+  batch = _batch(cfg, b=2, T=10)
+  for trainable in (lora.init(jax.random.key(0), cfg, 4, 8), params):
+    opt = training.make_optimizer(optax.constant_schedule(3e-2 if trainable is not params else 3e-3))
+    step = training.make_train_step(cfg, opt, params)
+    state = training.init_state(trainable, opt)
+    losses = []
+    for _ in range(8):
+      state, m = step(state, batch)
+      losses.append(float(m["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses

