@@ -1,0 +1,615 @@
+"""Drift studies: sweeps of a probe over drift magnitude, the cliff, the alarm's power, re-anchoring,
+and the report's "drift" section. The loops behind `experiments/drift.py`, over the kernels in
+`lvs_jax.drift`, `lvs_jax.drift_alarm`, `lvs_jax.probes` and `lvs_jax.metrics`.
+
+Conventions: embeddings are unit-normalized rows; sigma is the norm convention of `lvs_jax.drift`
+(sigma = 0.02 turns a vector by ~1.15 degrees); every curve is also given against the measured mean
+angle in degrees, so conventions cannot confuse readers. A "repeat" redraws the drift (noise,
+direction, subspace) from a new key.
+
+  cliff sigma      the smallest sigma at which the mean ROC-AUC first falls below a threshold
+                   (default: halfway from the clean AUC to chance, 0.5 + (AUC_clean - 0.5) / 2),
+                   interpolated linearly in log sigma between grid points
+  detection sigma  the smallest sigma at which the alarm fires on at least `power` (0.9) of the
+                   incoming windows, interpolated the same way
+  recovery         (AUC_reanchored - AUC_drifted) / (AUC_clean - AUC_drifted)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+from lvs_jax import drift, drift_alarm, metrics, probes
+from lvs_jax import report as report_lib
+
+METRICS = ("auc", "accuracy", "balanced_accuracy", "confidence", "silent_failure_rate", "silent_share", "ece",
+           "error_confidence")
+
+
+def evaluate(probe: probes.Probe, x, y, silent_threshold: float = 0.8) -> dict[str, float]:
+  """Classification metrics of `probe` on x [N, D], y [N] -> {name: float} (see `metrics`; AUC of the logits)."""
+  f = probes.logits(probe, jnp.asarray(x))
+  m = metrics.classification_metrics(jax.nn.sigmoid(f), jnp.asarray(y), silent_threshold, scores=f)
+  return {k: float(v) for k, v in m.items()}
+
+
+FAMILY_IDS = {"isotropic": 0, "directional": 1, "subspace": 2, "subspace_pca": 3, None: 4}
+SWEEP_FAMILIES = ("isotropic", "directional", "subspace", "subspace_pca")
+
+
+def _drifted(fid, key, x, sigma, k: int, convention: str, pca_basis):
+  """`drift.apply_drift(drift.make_drift(family, k1, D, k=k), k2, x, sigma)` with (k1, k2) = split(key),
+  for the family with id `fid` (traced: one compilation serves every family; 4 = no drift).
+  subspace_pca: the subspace is span(pca_basis [D, k]) (the data's top principal directions), with
+  randomly drawn rotation planes inside it."""
+  k1, k2 = jax.random.split(key)
+  d = x.shape[-1]
+  return jax.lax.switch(fid, [
+    lambda: drift.isotropic(k2, x, sigma, convention),
+    lambda: drift.directional(x, sigma, drift.random_direction(k1, d)),
+    lambda: drift.subspace_rotation(x, sigma, drift.random_basis(k1, d, k)),
+    lambda: drift.subspace_rotation(x, sigma, pca_basis @ drift.random_basis(k1, k, k)),
+    lambda: x,
+  ])
+
+
+def _basis(pca_basis, d: int, k: int):
+  return jnp.zeros((d, k), jnp.float32) if pca_basis is None else jnp.asarray(pca_basis, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("convention", "k"))
+def _sweep(probe, x, y, sigmas, keys, silent_threshold, fid, pca_basis, convention, k):
+  def one(sigma, kk):
+    xd = _drifted(fid, kk, x, sigma, k, convention, pca_basis)
+    f = probes.logits(probe, xd)
+    m = metrics.classification_metrics(jax.nn.sigmoid(f), y, silent_threshold, scores=f)
+    m["angle"] = jnp.mean(metrics.angle_deg(x, xd))
+    return m
+
+  return jax.lax.map(lambda a: jax.vmap(one, (None, 0))(*a), (sigmas, keys))  # {name: [S, R]}
+
+
+def sweep_family(probe: probes.Probe, x, y, family: str, sigmas: Sequence[float], key: jax.Array, *,
+                 repeats: int = 8, k: int = 64, convention: str = "norm", silent_threshold: float = 0.8,
+                 common: bool = True, pca_basis=None) -> dict[str, np.ndarray]:
+  """Metrics of `probe` on x [N, D], y [N] drifted by `family` at each sigma -> {name: [S]}.
+
+  Means over `repeats` draws of the drift; "<name>_std" their std; "angle" the mean angle (degrees)
+  between drifted and clean rows. silent_failure_rate and error_confidence average over the draws
+  that have errors (nan where none has). common: the same draws at every sigma (common random
+  numbers: smooth curves); else fresh draws per sigma (pooled estimates at repeated sigmas).
+  family: one of SWEEP_FAMILIES; "subspace_pca" needs pca_basis [D, k] (`drift.principal_basis`).
+  """
+  s = len(sigmas)
+  keys = jax.random.split(key, repeats)
+  keys = jnp.broadcast_to(keys, (s,) + keys.shape) if common else jax.random.split(key, s * repeats).reshape(s, repeats)
+  out = _sweep(probe, jnp.asarray(x), jnp.asarray(y), jnp.asarray(sigmas, jnp.float32), keys,
+               jnp.float32(silent_threshold), FAMILY_IDS[family], _basis(pca_basis, np.shape(x)[-1], k), convention, k)
+  res = {"sigma": np.asarray(sigmas, np.float64)}
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of all-nan rows (no errors at any draw)
+    for name, v in out.items():
+      v = np.asarray(v, np.float64)
+      res[name] = np.nanmean(v, 1)
+      res[name + "_std"] = np.nanstd(v, 1)
+  return res
+
+
+def at_sigma(probe: probes.Probe, x, y, family: str, sigma: float, n_grid: int, key: jax.Array, *, repeats: int = 8,
+             **kw) -> dict[str, float]:
+  """Metrics at one sigma pooled over n_grid * repeats fresh drift draws (reuses the sweep's compilation
+  for a grid of n_grid sigmas)."""
+  r = sweep_family(probe, x, y, family, [sigma] * n_grid, key, repeats=repeats, common=False, **kw)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return {k: float(np.nanmean(v)) for k, v in r.items() if not k.endswith("_std")}
+
+
+def crossing(xs: Sequence[float], ys: Sequence[float], level: float, below: bool = True) -> float:
+  """The smallest x where ys first crosses `level` (goes below it, or above when below=False),
+  interpolated linearly in log x between the grid points around the crossing (linearly in x from
+  x = 0). nan when ys never crosses within the grid; xs[0] when ys[0] is already past it."""
+  xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+  past = ys < level if below else ys >= level
+  idx = np.flatnonzero(past)
+  if idx.size == 0:
+    return float("nan")
+  i = int(idx[0])
+  if i == 0:
+    return float(xs[0])
+  x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+  t = 0.5 if y1 == y0 else float(np.clip((level - y0) / (y1 - y0), 0.0, 1.0))
+  if x0 > 0:
+    return float(math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0))))
+  return float(x0 + t * (x1 - x0))
+
+
+def cliff_threshold(clean_auc: float, threshold: float | None = None) -> float:
+  """The AUC level defining the cliff: `threshold`, or halfway from `clean_auc` to chance."""
+  return float(threshold) if threshold else 0.5 + (clean_auc - 0.5) / 2
+
+
+@functools.partial(jax.jit, static_argnames=("convention", "k", "window", "statistics", "n_perm"))
+def _power(ref, pool_ref, pool_new, sigmas, keys, alpha, fid, pca_basis, convention, k, window, statistics, n_perm):
+  p = pool_ref.shape[0]
+
+  def one(sigma, kk):
+    kp, kd, kt = jax.random.split(kk, 3)
+    perm = jax.random.permutation(kp, p)
+    xr, xn = pool_ref[perm[:window]], pool_new[perm[window:2 * window]]
+    xn = _drifted(fid, kd, xn, sigma, k, convention, pca_basis)
+    return jnp.stack([drift_alarm.two_sample_test(kt, ref, xr, xn, st, n_perm)[1] <= alpha for st in statistics])
+
+  return jax.lax.map(lambda a: jnp.mean(jax.vmap(one, (None, 0))(*a).astype(jnp.float32), 0), (sigmas, keys))
+
+
+def alarm_power(key: jax.Array, ref: drift_alarm.Reference, pool, sigmas: Sequence[float], *,
+                family: str | None, pool_new=None, statistics: Sequence[str] = drift_alarm.STATISTICS,
+                alpha: float = 0.05, window: int = 64, n_windows: int = 100, n_perm: int = 200, k: int = 64,
+                convention: str = "norm", common: bool = True, pca_basis=None) -> dict[str, np.ndarray]:
+  """Share of incoming windows on which the alarm fires, per statistic and sigma -> {statistic: [S]}.
+
+  Each window: a random reference window of `window` rows of pool [P, D] and a disjoint incoming
+  window of `window` rows of pool_new (default: pool; for real drift, the same prompts embedded by
+  the new model), the incoming one drifted by `family` at sigma (family None: not drifted). At
+  sigma = 0 (or pool_new = pool, family None) this is the false-alarm rate. Needs P >= 2 window.
+  All statistics see the same windows and permutations. common: the same windows at every sigma;
+  else fresh ones (e.g. with sigma all 0: S * n_windows windows).
+  """
+  pool = jnp.asarray(pool)
+  pool_new = pool if pool_new is None else jnp.asarray(pool_new)
+  if pool.shape[0] < 2 * window:
+    raise ValueError(f"alarm windows of {window} need a pool of >= {2 * window} rows, got {pool.shape[0]}")
+  s = len(sigmas)
+  keys = jax.random.split(key, n_windows)
+  keys = jnp.broadcast_to(keys, (s,) + keys.shape) if common else jax.random.split(key, s * n_windows).reshape(
+    s, n_windows)
+  out = np.asarray(_power(ref, pool, pool_new, jnp.asarray(sigmas, jnp.float32), keys, jnp.float32(alpha),
+                          FAMILY_IDS[family], _basis(pca_basis, pool.shape[-1], k), convention, k, window,
+                          tuple(statistics), n_perm), np.float64)
+  return {st: out[:, i] for i, st in enumerate(statistics)}
+
+
+@functools.partial(jax.jit, static_argnames=("repeats",))
+def _reanchor(probe, anchors_a, anchors_b, test_b, y, key, identity_prior, n, repeats):
+  def one(kk):
+    chosen = (jnp.argsort(jax.random.permutation(kk, anchors_a.shape[0])) < n).astype(jnp.float32)
+    a = drift.fit_procrustes(anchors_b, anchors_a, identity_prior=identity_prior, weights=chosen)
+    f = probes.logits(probe, drift.apply_alignment(a, test_b))
+    return jnp.stack([metrics.roc_auc(f, y), metrics.balanced_accuracy(jax.nn.sigmoid(f), y)])
+
+  return jnp.mean(jax.vmap(one)(jax.random.split(key, repeats)), 0)
+
+
+def reanchor_scores(key: jax.Array, probe: probes.Probe, anchors_a, anchors_b, test_b, y_test, n_anchors: Sequence[int],
+                    *, repeats: int = 4, identity_prior: float = 1e-4) -> dict[str, np.ndarray]:
+  """ROC-AUC and balanced accuracy of `probe` on test_b [N, D] mapped back by Procrustes fitted on n
+  random anchors (rows of anchors_a / anchors_b [P, D]: the same prompts embedded by the probe's
+  model and by the new one), for each n in n_anchors (<= P) -> {"auc", "balanced_accuracy":
+  [len(n_anchors)]}, means over `repeats` anchor draws."""
+  args = [jnp.asarray(a) for a in (anchors_a, anchors_b, test_b, y_test)]
+  out = []
+  for n in n_anchors:
+    if n > args[0].shape[0]:
+      raise ValueError(f"{n} anchors requested, only {args[0].shape[0]} available")
+    out.append(np.asarray(_reanchor(probe, *args, key, jnp.float32(identity_prior), jnp.int32(n), repeats)))
+  out = np.asarray(out, np.float64).reshape(len(out), 2)
+  return {"auc": out[:, 0], "balanced_accuracy": out[:, 1]}
+
+
+def recovery(clean: float, drifted: float, fixed: float) -> float:
+  """(fixed - drifted) / (clean - drifted): the share of the lost AUC won back (nan if none was lost)."""
+  lost = clean - drifted
+  return float((fixed - drifted) / lost) if lost > 1e-6 else float("nan")
+
+
+# --- A whole study -------------------------------------------------------------------------------
+
+
+def fit_probes(key, x_fit, y_fit, x_val, y_val, cfg) -> tuple[dict, dict]:
+  """The study's probes -> ({name: Probe}, {name: info}): "logreg", "mlp" (cfg.probe.mlp) and
+  "<main>_aug", the main probe trained with isotropic noise augmentation at cfg.augment.sigma
+  (skipped when 0; `run_synthetic` sets it from the clean cliff when cfg.augment.sigma < 0 is not
+  used). cfg: the probe section of the experiment config (ml_collections or any attribute object)."""
+  out, info = {}, {}
+  kinds = ["logreg"] + (["mlp"] if cfg.mlp else [])
+  for kind in kinds:
+    pc = probes.ProbeConfig(kind=kind, hidden=cfg.hidden, lr=cfg.lr, max_steps=cfg.max_steps, patience=cfg.patience)
+    out[kind], info[kind] = probes.fit_select(key, jnp.asarray(x_fit), jnp.asarray(y_fit), jnp.asarray(x_val),
+                                              jnp.asarray(y_val), pc, tuple(cfg.l2s))
+  return out, info
+
+
+def isotropic_margin(probe: probes.Probe, x, y, level: float) -> dict[str, float]:
+  """Why (and where) isotropic drift breaks a linear probe: a binormal model of its scores.
+
+  For a logistic probe the score is w_u . u + b on unit rows u (w_u = w / std folds the
+  standardization in). Project the unit rows onto w_hat = w_u / ||w_u||: class means m_1, m_0 and
+  stds s_1, s_0 (in units of the unit sphere, ~ radians). Isotropic noise of norm sigma adds
+  N(0, sigma^2 / D) along w_hat (renormalization rescales every score alike, which AUC ignores), so
+      AUC(sigma) ~ Phi((m_1 - m_0) / sqrt(s_1^2 + s_0^2 + 2 sigma^2 / D)),
+  and the AUC reaches `level` at sigma* = sqrt(D / 2 ((m_1 - m_0)^2 / z^2 - s_1^2 - s_0^2)),
+  z = Phi^-1(level). Returns {gap_deg, spread_deg (pooled within-class std), binormal_auc (at sigma
+  0), predicted_cliff_sigma, dim}; nan for non-linear probes.
+  """
+  from scipy.stats import norm  # scipy ships with scikit-learn
+
+  if probe.kind != "logreg":
+    return dict(gap_deg=float("nan"), spread_deg=float("nan"), binormal_auc=float("nan"),
+                predicted_cliff_sigma=float("nan"), dim=int(np.shape(x)[-1]))
+  w = np.asarray(probe.params["w"] / probe.std, np.float64)
+  w /= np.linalg.norm(w)
+  u = np.asarray(drift.unit(jnp.asarray(x)), np.float64)
+  proj, yb = u @ w, np.asarray(y).astype(bool)
+  gap = proj[yb].mean() - proj[~yb].mean()
+  var = proj[yb].var() + proj[~yb].var()
+  z = norm.ppf(level)
+  d = u.shape[1]
+  inside = gap ** 2 / z ** 2 - var
+  return dict(gap_deg=math.degrees(gap), spread_deg=math.degrees(math.sqrt(var / 2)),
+              binormal_auc=float(norm.cdf(gap / math.sqrt(var))),
+              predicted_cliff_sigma=math.sqrt(d / 2 * inside) if inside > 0 else 0.0, dim=d)
+
+
+def run_synthetic(key, x_fit, y_fit, x_val, y_val, x_test, y_test, cfg) -> dict:
+  """Probes, drift sweeps of every synthetic family, cliffs, the alarm, re-anchoring and the
+  noise-augmentation baseline on unit-normalized embeddings -> a results dict (JSON-able after
+  `report.to_jsonable`). cfg: the experiment config (sections probe, sweep, alarm, reanchor, augment)."""
+  sw, al, ra, au = cfg.sweep, cfg.alarm, cfg.reanchor, cfg.augment
+  keys = jax.random.split(key, 8)
+  pr, pinfo = fit_probes(keys[0], x_fit, y_fit, x_val, y_val, cfg.probe)
+  main = cfg.probe.main
+  sigmas = np.asarray(sw.sigmas, np.float64)
+  pca = drift.principal_basis(jnp.asarray(x_fit), sw.subspace_k)
+  kw = dict(repeats=sw.repeats, k=sw.subspace_k, convention=sw.convention, silent_threshold=sw.silent_threshold,
+            pca_basis=pca)
+  clean = {p: evaluate(pr[p], x_test, y_test, sw.silent_threshold) for p in pr}
+  # The augmentation level: given, or the main probe's isotropic cliff.
+  iso = sweep_family(pr[main], x_test, y_test, "isotropic", sigmas, keys[1], **kw)
+  aug_sigma = au.sigma or crossing(sigmas, iso["auc"], cliff_threshold(clean[main]["auc"], sw.cliff_auc))
+  if au.copies and math.isfinite(aug_sigma):
+    xa, ya = probes.augment_isotropic(keys[2], jnp.asarray(x_fit), jnp.asarray(y_fit), aug_sigma, au.copies,
+                                      sw.convention)
+    pc = probes.ProbeConfig(kind=main, hidden=cfg.probe.hidden, lr=cfg.probe.lr, max_steps=cfg.probe.max_steps,
+                            patience=cfg.probe.patience)
+    pr[f"{main}_aug"], pinfo[f"{main}_aug"] = probes.fit_select(keys[2], xa, ya, jnp.asarray(x_val), jnp.asarray(y_val),
+                                                                pc, tuple(cfg.probe.l2s))
+    clean[f"{main}_aug"] = evaluate(pr[f"{main}_aug"], x_test, y_test, sw.silent_threshold)
+  ref = drift_alarm.fit_reference(jnp.asarray(x_fit), k=al.k)
+  akw = dict(alpha=al.alpha, window=al.window, n_perm=al.n_perm, k=sw.subspace_k, convention=sw.convention,
+             statistics=tuple(al.statistics), n_windows=al.n_windows, pca_basis=pca)
+  zeros = np.zeros_like(sigmas)  # same shape as the sweeps: no recompilation; S * n_windows fresh windows
+  far = {st: float(np.mean(v)) for st, v in alarm_power(keys[3], ref, x_test, zeros, family=None, common=False,
+                                                         **akw).items()}
+  families, cliffs, reanchor = {}, [], []
+  n_pool = min(ra.n_pool, len(x_fit))
+  anchors_a = jnp.asarray(x_fit[:n_pool])
+  for fi, fam in enumerate(sw.families):
+    fk = jax.random.fold_in(keys[4], fi)
+    per = {p: sweep_family(pr[p], x_test, y_test, fam, sigmas, fk, **kw) for p in pr}
+    angle = per[main]["angle"]
+    power = alarm_power(fk, ref, x_test, sigmas, family=fam, **akw)
+    families[fam] = dict(sigma=sigmas, angle=angle, probes={p: {m: per[p][m] for m in METRICS + ("auc_std",)}
+                                                             for p in pr}, alarm=power)
+    for p in pr:
+      thr = cliff_threshold(clean[p]["auc"], sw.cliff_auc)
+      cs = crossing(sigmas, per[p]["auc"], thr)
+      at = at_sigma(pr[p], x_test, y_test, fam, cs, len(sigmas), jax.random.fold_in(fk, 1), **kw) if math.isfinite(
+        cs) else None
+      row = dict(family=fam, probe=p, clean_auc=clean[p]["auc"], threshold=thr, cliff_sigma=cs,
+                 cliff_angle_deg=at["angle"] if at else float("nan"),
+                 collapse_sigma=crossing(sigmas, per[p]["auc"], 0.55))
+      for m in ("auc", "accuracy", "confidence", "silent_failure_rate", "silent_share", "error_confidence", "ece"):
+        row[f"{m}_at_cliff"] = at[m] if at else float("nan")
+      row["confidence_drop"] = 1 - row["confidence_at_cliff"] / clean[p]["confidence"]
+      # Threshold failures: balanced accuracy halfway from clean to chance (AUC can stay intact,
+      # e.g. under a common shift, while the fixed threshold fails).
+      bthr = 0.5 + (clean[p]["balanced_accuracy"] - 0.5) / 2
+      bs = crossing(sigmas, per[p]["balanced_accuracy"], bthr)
+      row["bacc_cliff_sigma"] = bs
+      row["bacc_cliff_angle_deg"] = _interp(sigmas, angle, bs)
+      for m in ("balanced_accuracy", "confidence", "silent_failure_rate"):
+        row[f"{m}_at_bacc_cliff"] = _interp(sigmas, per[p][m], bs)
+      pred = isotropic_margin(pr[p], x_test, y_test, thr) if fam == "isotropic" else {}
+      row["predicted_cliff_sigma"] = pred.get("predicted_cliff_sigma", float("nan"))
+      for st in al.statistics:
+        ds = crossing(sigmas, power[st], al.power, below=False)
+        row[f"detect_sigma_{st}"] = ds
+        row[f"detect_angle_deg_{st}"] = _interp(sigmas, angle, ds)
+      cliffs.append(row)
+    row = next(r for r in cliffs if r["family"] == fam and r["probe"] == main)
+    cs = row["cliff_sigma"] if math.isfinite(row["cliff_sigma"]) else row["bacc_cliff_sigma"]
+    for mult in ra.cliff_multiples if math.isfinite(cs) else ():
+      sg = cs * mult
+      k1, k2, k3 = jax.random.split(jax.random.fold_in(fk, 7), 3)
+      basis = pca @ drift.random_basis(k1, sw.subspace_k, sw.subspace_k) if fam == "subspace_pca" else None
+      dr = drift.make_drift(fam.removesuffix("_pca"), k1, x_test.shape[1], k=sw.subspace_k, convention=sw.convention,
+                            basis=basis)
+      test_b, anchors_b = drift.apply_drift(dr, k2, jnp.asarray(x_test), sg), drift.apply_drift(dr, k3, anchors_a, sg)
+      ns = [n for n in ra.n_anchors if n <= n_pool]
+      fixed = reanchor_scores(k1, pr[main], anchors_a, anchors_b, test_b, y_test, ns, repeats=ra.repeats,
+                              identity_prior=ra.identity_prior)
+      angle_b = float(jnp.mean(metrics.angle_deg(jnp.asarray(x_test), test_b)))
+      reanchor += reanchor_rows(fam, sg, angle_b, ns, clean[main], evaluate(pr[main], test_b, y_test), fixed)
+  margin = isotropic_margin(pr[main], x_test, y_test, cliff_threshold(clean[main]["auc"], sw.cliff_auc))
+  return dict(clean=clean, probe_info=pinfo, families=families, cliffs=cliffs, reanchor=reanchor, margin=margin,
+              alarm=dict(false_alarm_rate=far, reference=ref), augment_sigma=aug_sigma, probes=pr)
+
+
+def reanchor_rows(source, magnitude, angle, ns, clean: dict, drifted: dict, fixed: dict) -> list[dict]:
+  """Rows of the re-anchoring table: AUC and balanced accuracy clean / drifted / re-anchored, recovery."""
+  rows = []
+  for i, n in enumerate(ns):
+    a, b = float(fixed["auc"][i]), float(fixed["balanced_accuracy"][i])
+    rows.append(dict(source=source, magnitude=magnitude, angle_deg=angle, n_anchors=n, auc_clean=clean["auc"],
+                     auc_drifted=drifted["auc"], auc_reanchored=a, recovery=recovery(clean["auc"], drifted["auc"], a),
+                     bacc_clean=clean["balanced_accuracy"], bacc_drifted=drifted["balanced_accuracy"],
+                     bacc_reanchored=b, bacc_recovery=recovery(clean["balanced_accuracy"],
+                                                               drifted["balanced_accuracy"], b)))
+  return rows
+
+
+def _interp(sigmas, values, s):
+  """values at sigma s, linear in log sigma over the positive grid (nan for s = nan)."""
+  if not math.isfinite(s):
+    return float("nan")
+  sg, v = np.asarray(sigmas, float), np.asarray(values, float)
+  keep = sg > 0
+  if s <= 0 or not keep.any():
+    return float(v[0])
+  return float(np.interp(math.log(s), np.log(sg[keep]), v[keep]))
+
+
+def run_real(key, name, magnitude, x_test, y_test, x_test_b, anchors_a, anchors_b, syn: dict, cfg) -> tuple[dict, list]:
+  """Real drift of one source: the study's probes (from `run_synthetic`'s result `syn`) evaluated on
+  x_test_b [N, D] (the test prompts embedded by the changed model), the alarm's fire rate on its
+  windows, and re-anchoring from anchors_a / anchors_b [P, D] -> (row, re-anchoring rows)."""
+  al, ra, sw = cfg.alarm, cfg.reanchor, cfg.sweep
+  main = cfg.probe.main
+  angle = float(jnp.mean(metrics.angle_deg(jnp.asarray(x_test), jnp.asarray(x_test_b))))
+  row = dict(source=name, magnitude=magnitude, angle_deg=angle, equivalent_sigma=float(drift.equivalent_sigma(angle)))
+  for p, probe in syn["probes"].items():
+    m = evaluate(probe, x_test_b, y_test, sw.silent_threshold)
+    for k in ("auc", "accuracy", "balanced_accuracy", "confidence", "silent_failure_rate"):
+      row[f"{p}_{k}"] = m[k]
+  zeros = np.zeros(len(sw.sigmas))  # the sweeps' shape: no recompilation
+  fired = alarm_power(key, syn["alarm"]["reference"], x_test, zeros, family=None, pool_new=x_test_b,
+                      statistics=tuple(al.statistics), alpha=al.alpha, window=al.window, n_windows=al.n_windows,
+                      n_perm=al.n_perm, k=sw.subspace_k, convention=sw.convention, common=False)
+  for st, v in fired.items():
+    row[f"alarm_{st}"] = float(np.mean(v))
+  ns = [n for n in ra.n_anchors if n <= len(anchors_a)]
+  fixed = reanchor_scores(key, syn["probes"][main], anchors_a, anchors_b, x_test_b, y_test, ns, repeats=ra.repeats,
+                          identity_prior=ra.identity_prior)
+  rows = reanchor_rows(name, magnitude, angle, ns, syn["clean"][main],
+                       evaluate(syn["probes"][main], x_test_b, y_test, sw.silent_threshold), fixed)
+  row[f"{main}_auc_reanchored"] = float(fixed["auc"][-1]) if ns else float("nan")
+  row[f"{main}_bacc_reanchored"] = float(fixed["balanced_accuracy"][-1]) if ns else float("nan")
+  return row, rows
+
+
+def _at(xs, ys, x):
+  """ys interpolated at x (linearly in log x over the positive grid)."""
+  xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+  keep = xs > 0
+  return float(np.interp(math.log(x), np.log(xs[keep]), ys[keep]))
+
+
+def notes(res: Mapping) -> str:
+  """The closing note: the study's numbers in words, including whether the paper's collapse reproduces."""
+  s, clean, main = res["setup"], res["clean"], res["setup"]["probe"]
+  lines = [
+    f"Model {s['model']}; probe input: layer {s['layer']} {s['site']}, {s['pooling']} pooling, chat template "
+    f"{'on' if s['chat'] else 'off'} (best validation ROC-AUC {s['val_auc']:.3f} over "
+    f"{len(res['layer_selection']['poolings'])} poolings x {len(res['layer_selection']['layers'])} layers, on a "
+    f"validation split of the training prompts). Fit {s['n_fit']}, validation {s['n_val']}, test "
+    f"{s['n_test_harmful']} harmful vs {s['n_test_harmless']} harmless.",
+    "Clean test ROC-AUC: " + ", ".join(f"{p} {m['auc']:.3f}" for p, m in clean.items()) + ".",
+    "sigma is the norm convention (noise of norm sigma on the unit sphere; sigma = 0.02 turns a vector by "
+    "~1.15 degrees; the per-coordinate convention's sigma is this one divided by sqrt(D)). Angles are measured.",
+  ]
+  for r in res["cliffs"]:
+    if r["probe"] != main:
+      continue
+    det = ", ".join(f"{k[len('detect_sigma_'):]} {_fmt(v)}" for k, v in r.items() if k.startswith("detect_sigma_"))
+    if math.isfinite(r["cliff_sigma"] if r["cliff_sigma"] is not None else float("nan")):
+      auc_part = (f"AUC cliff (AUC < {r['threshold']:.3f}) at sigma {_fmt(r['cliff_sigma'])} = "
+                  f"{_fmt(r['cliff_angle_deg'])} degrees, where accuracy is {_fmt(r['accuracy_at_cliff'])}, mean "
+                  f"confidence {_fmt(r['confidence_at_cliff'])} (relative drop {100 * r['confidence_drop']:.1f}%) and "
+                  f"the silent-failure rate {_fmt(r['silent_failure_rate_at_cliff'])}")
+    else:
+      auc_part = f"no AUC cliff up to sigma {_fmt(max(res['families'][r['family']]['sigma']))}"
+    lines.append(
+      f"{r['family']}: {auc_part}; balanced-accuracy cliff (halfway to 0.5) at sigma {_fmt(r['bacc_cliff_sigma'])} = "
+      f"{_fmt(r['bacc_cliff_angle_deg'])} degrees (confidence {_fmt(r['confidence_at_bacc_cliff'])}, silent-failure "
+      f"rate {_fmt(r['silent_failure_rate_at_bacc_cliff'])}). Alarm reaches 90% detection at sigma: {det}.")
+  fam = res["families"].get("isotropic")
+  if fam:
+    auc02 = _at(fam["sigma"], fam["probes"][main]["auc"], 0.02)
+    sf02 = _at(fam["sigma"], fam["probes"][main]["silent_failure_rate"], 0.02)
+    ang02 = _at(fam["sigma"], fam["angle"], 0.02)
+    collapsed = auc02 <= 0.55
+    lines.append(
+      f"Paper check (isotropic, sigma = 0.02 ~ {ang02:.2f} degrees): ROC-AUC {clean[main]['auc']:.3f} -> {auc02:.3f}, "
+      f"silent-failure rate {sf02:.2f}. The paper's collapse (0.85 -> 0.50 at sigma = 0.02) "
+      + ("reproduces at this sigma." if collapsed else "does NOT reproduce at this sigma; see the cliff above for "
+         "where (and whether) it happens on this model."))
+  mg = res.get("margin") or {}
+  if mg and mg.get("gap_deg") is not None and math.isfinite(mg.get("gap_deg", float("nan"))):
+    d_noise = math.degrees(0.02 / math.sqrt(mg.get("dim", 576))) if "dim" in mg else None
+    lines.append(
+      f"Why: along the {main} probe's direction the class means are {mg['gap_deg']:.3g} degrees apart with a "
+      f"within-class spread of {mg['spread_deg']:.3g} degrees; isotropic noise of norm sigma adds only sigma / sqrt(D) "
+      f"along any one direction" + (f" ({d_noise:.3g} degrees at sigma = 0.02)" if d_noise else "")
+      + f". A binormal model of the scores predicts the isotropic cliff at sigma {_fmt(mg['predicted_cliff_sigma'])}. "
+      "A collapse at sigma = 0.02 needs classes separated by a few hundredths of a degree along the probe "
+      "direction, i.e. a probe that relies on directions in which the embeddings barely vary.")
+  far = res["alarm"]["false_alarm_rate"]
+  lines.append(f"Alarm false-alarm rate on undrifted windows of {s['window']} (nominal alpha {s['alpha']}): "
+               + ", ".join(f"{k} {v:.3f}" for k, v in far.items()) + ".")
+  best = {}
+  for r in res["reanchor"]:
+    best[(r["source"], r["magnitude"])] = r
+  if best:
+    lines.append("Re-anchoring (Procrustes from the most anchors; AUC and balanced accuracy drifted -> re-anchored): "
+                 + "; ".join(f"{src} @ {_fmt(mag)} ({_fmt(r['angle_deg'])} deg): AUC {_fmt(r['auc_drifted'])} -> "
+                             f"{_fmt(r['auc_reanchored'])}, bacc {_fmt(r['bacc_drifted'])} -> "
+                             f"{_fmt(r['bacc_reanchored'])} with {r['n_anchors']} anchors"
+                             for (src, mag), r in best.items()) + ".")
+  for r in res.get("real", []):
+    alarms = ", ".join(f"{k[len('alarm_'):]} {v:.2f}" for k, v in r.items() if k.startswith("alarm_"))
+    lines.append(f"Real drift {r['source']}: mean angle {r['angle_deg']:.2f} degrees (equivalent sigma "
+                 f"{r['equivalent_sigma']:.3g}); {main} AUC {r[main + '_auc']:.3f}, balanced accuracy "
+                 f"{r[main + '_balanced_accuracy']:.3f}, confidence {r[main + '_confidence']:.3f}, silent-failure rate "
+                 f"{_fmt(r[main + '_silent_failure_rate'])}; alarm fire rate {alarms}.")
+  if f"{main}_aug" in clean:
+    lines.append(f"Noise augmentation baseline: {main} trained with isotropic noise at sigma {s['augment_sigma']:.3g}; "
+                 f"clean AUC {clean[main + '_aug']['auc']:.3f} (vs {clean[main]['auc']:.3f}); cliffs in the table.")
+  return "\n".join(lines)
+
+
+# --- The report section ----------------------------------------------------------------------------
+
+
+def _curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str, title: str,
+            logx: bool = True, hline: float | None = None, xmin: float | None = None):
+  """A figure with one line per series, each with its own x. Series named "<group> / <variant>" get
+  one color per group and one line style per variant."""
+  fig, ax = plt.subplots(figsize=(6.8, 4.2))
+  groups, variants = {}, {}
+  styles = ("-", "--", ":", "-.")
+  for name, (x, y) in series.items():
+    group, _, variant = str(name).partition(" / ")
+    c = groups.setdefault(group, f"C{len(groups) % 10}")
+    ls = variants.setdefault(variant, styles[len(variants) % len(styles)])
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = (x > 0 if logx else np.ones_like(x, bool)) & (x >= (xmin or -np.inf))
+    ax.plot(x[keep], y[keep], color=c, linestyle=ls, marker="o", markersize=2.5, linewidth=1.3, label=str(name))
+  if hline is not None:
+    ax.axhline(hline, color="grey", linestyle=":", linewidth=1)
+  if logx:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2 if len(series) > 6 else 1)
+  fig.tight_layout()
+  return fig
+
+
+def _fmt(v, digits=3):
+  return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
+
+
+def drift_section(res: Mapping) -> report_lib.Section:
+  """The "drift" section of the report from the results dict `experiments/drift.py` builds."""
+  s = res["setup"]
+  tables, figures = [], []
+  sel = res["layer_selection"]
+  tables.append(report_lib.Table("layer_selection", ["pooling"] + [f"L{i}" for i in sel["layers"]],
+                                 [[p] + list(r) for p, r in zip(sel["poolings"], sel["val_auc"])],
+                                 caption="Validation ROC-AUC of a logistic probe per layer and pooling "
+                                 "(validation split carved from the training prompts)."))
+  figures.append(report_lib.Figure("layer_selection", report_lib.heatmap(
+    np.asarray(sel["val_auc"], float), [str(i) for i in sel["layers"]], sel["poolings"],
+    title="Validation ROC-AUC by layer and pooling", cbar_label="ROC-AUC", annotate=False),
+    "Probe validation ROC-AUC per (pooling, layer); the best cell is used below."))
+  fam = res["families"]
+  shown = ("auc", "auc_std", "balanced_accuracy", "confidence", "silent_failure_rate", "accuracy", "ece")
+  for name, f in fam.items():
+    cols = ["sigma", "angle_deg"] + [f"{p}_{m}" for p in f["probes"] for m in shown]
+    cols += [f"alarm_{st}" for st in f["alarm"]]
+    rows = []
+    for i, sg in enumerate(f["sigma"]):
+      row = [sg, f["angle"][i]]
+      for p in f["probes"]:
+        row += [f["probes"][p][m][i] for m in shown]
+      row += [f["alarm"][st][i] for st in f["alarm"]]
+      rows.append(row)
+    tables.append(report_lib.Table(f"sweep_{name}", cols, rows, caption=f"{name} drift: probe metrics (means over "
+                                   f"{s['repeats']} draws) and alarm fire rate per sigma (norm convention)."))
+  for xkey, xlabel, fname in (("sigma", "sigma (norm convention)", "auc_vs_sigma"),
+                              ("angle", "mean angular drift (degrees)", "auc_vs_angle")):
+    series = {}
+    for name, f in fam.items():
+      for p in f["probes"]:
+        if p == s["probe"] or name == "isotropic":  # every probe on the paper's family; the main one elsewhere
+          series[f"{name} / {p}"] = (f[xkey], f["probes"][p]["auc"])
+    real = sorted(res.get("real", []) if xkey == "angle" else [], key=lambda r: r["angle_deg"])
+    if real:  # real drift on the same angle axis
+      series[f"real drift / {s['probe']}"] = ([r["angle_deg"] for r in real], [r[f"{s['probe']}_auc"] for r in real])
+    figures.append(report_lib.Figure(fname, _curves(series, xlabel, "ROC-AUC", "Probe ROC-AUC under drift", hline=0.5,
+                                                    xmin=1e-3 if xkey == "sigma" else 0.05),
+                                     f"ROC-AUC against {xlabel}: every probe under isotropic drift, the main probe "
+                                     "under the other families and under real drift (changed weights)."))
+  series_c, series_s, series_a = {}, {}, {}
+  main = s["probe"]
+  for name, f in fam.items():
+    series_c[f"{name} / balanced accuracy"] = (f["angle"], f["probes"][main]["balanced_accuracy"])
+    series_c[f"{name} / mean confidence"] = (f["angle"], f["probes"][main]["confidence"])
+    series_s[name] = (f["angle"], f["probes"][main]["silent_failure_rate"])
+    for st, pw in f["alarm"].items():
+      series_a[f"{name} / {st}"] = (f["angle"], pw)
+  deg = "mean angular drift (degrees)"
+  figures.append(report_lib.Figure("confidence", _curves(series_c, deg, "", f"Accuracy vs confidence ({main} probe)",
+                                                         xmin=0.05, hline=0.5),
+                                   "Balanced accuracy (solid) falls while the mean confidence max(p, 1-p) (dashed) "
+                                   "barely moves: the failure is silent."))
+  figures.append(report_lib.Figure("silent_failures", _curves(
+    series_s, deg, f"share of errors with confidence > {s['silent_threshold']}", f"Silent failures ({main} probe)",
+    xmin=0.05), "Share of misclassifications made with high confidence."))
+  figures.append(report_lib.Figure("alarm_power", _curves(series_a, deg, "fire rate", "Label-free drift alarm",
+                                                          hline=s["alpha"], xmin=0.05),
+                                   f"Share of incoming windows of {s['window']} on which the alarm fires "
+                                   f"(alpha = {s['alpha']}); at zero drift this is the false-alarm rate."))
+  cl = res["cliffs"]
+  tables.append(report_lib.Table("cliffs", list(cl[0].keys()), [list(r.values()) for r in cl],
+                                 caption="Per family and probe: the cliff sigma (AUC first below the threshold), "
+                                 "its angle, metrics at the cliff, and the alarm's detection sigma."))
+  ra = res["reanchor"]
+  if ra:
+    tables.append(report_lib.Table("reanchor", list(ra[0].keys()), [list(r.values()) for r in ra],
+                                   caption="Orthogonal Procrustes re-anchoring from n anchor prompts embedded by "
+                                   "both versions: ROC-AUC and the share of lost AUC recovered."))
+    series = {}
+    for r in ra:
+      if r["bacc_clean"] - r["bacc_drifted"] < 0.02 and r["auc_clean"] - r["auc_drifted"] < 0.02:
+        continue  # this drift cost nothing: nothing to recover
+      name = f"{r['source']} @ {_fmt(r['magnitude'])} ({_fmt(r['angle_deg'], 2)} deg)"
+      series.setdefault(name, ([0], [r["bacc_drifted"]]))  # 0 anchors: the drifted probe
+      series[name][0].append(r["n_anchors"])
+      series[name][1].append(r["bacc_reanchored"])
+    if series:
+      figures.append(report_lib.Figure("reanchor", _curves(
+        series, "anchors (0: not re-anchored)", "balanced accuracy", "Re-anchoring (Procrustes)", logx=False,
+        hline=res["clean"][main]["balanced_accuracy"]), "Balanced accuracy of the main probe after Procrustes "
+        "re-anchoring vs the number of anchor prompts, for every drift that cost accuracy (line: clean)."))
+  if res.get("real"):
+    rr = res["real"]
+    tables.append(report_lib.Table("real_drift", list(rr[0].keys()), [list(r.values()) for r in rr],
+                                   caption="Real drift: the probe trained on the model's embeddings evaluated on "
+                                   "the same prompts embedded by a changed model."))
+  if res.get("separability"):
+    sp = res["separability"]
+    tables.append(report_lib.Table("separability", list(sp[0].keys()), [list(r.values()) for r in sp],
+                                   caption=res.get("separability_caption", "")))
+  summary = {"layer": s["layer"], "pooling": s["pooling"], "clean_auc": res["clean"][main]["auc"]}
+  for r in cl:
+    if r["probe"] == main:
+      summary[f"cliff_sigma/{r['family']}"] = r["cliff_sigma"]
+      summary[f"cliff_angle_deg/{r['family']}"] = r["cliff_angle_deg"]
+      summary[f"silent_rate_at_cliff/{r['family']}"] = r["silent_failure_rate_at_cliff"]
+      summary[f"bacc_cliff_sigma/{r['family']}"] = r["bacc_cliff_sigma"]
+  for st, v in res["alarm"]["false_alarm_rate"].items():
+    summary[f"false_alarm_rate/{st}"] = v
+  return report_lib.Section(key="drift", title="Embedding drift: frozen-embedding safety probes",
+                            summary=summary, tables=tables, figures=figures, notes=res.get("notes", ""))
