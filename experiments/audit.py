@@ -19,7 +19,7 @@ def main(argv):
   cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
-  from lvs_jax import behavior, data, lvs_audit
+  from lvs_jax import behavior, data, geometry_audit, lvs_audit
   from lvs_jax.io import registry
 
   # Load every prompt set first: a bad path fails before the model loads.
@@ -27,6 +27,8 @@ def main(argv):
   for name, spec in cfg.sets.items():
     ps = data.load_prompts(spec["path"], label=spec.get("label"))
     sets[name] = data.sample(ps, spec["n"], seed=cfg.seed) if spec.get("n") else ps
+  if cfg.geometry.enabled:
+    geometry_audit.prompt_sets(cfg.geometry)
   model = registry.load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))
   logging.info("loaded %s (%s)", cfg.model, model.source)
   meta = dict(model=cfg.model, source=model.source, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
@@ -40,6 +42,9 @@ def main(argv):
   if cfg.lvs.enabled:
     prompts, targets = lvs_audit.load_targets(cfg.lvs)
     cli.write_section(workdir, lvs_audit.run(model, prompts, targets, cfg.lvs, workdir), verbose=False, **meta)
+  if cfg.geometry.enabled:
+    section = geometry_audit.run(model, cfg.geometry, workdir, model_name=cfg.model)
+    cli.write_section(workdir, section, verbose=False, **meta)
   cli.write_section(workdir, behavior.behavior_section(results, n_examples=cfg.n_examples), **meta)
 
 

@@ -8,11 +8,12 @@ Smoke run (2 prompts a set, 8 tokens; what the test suite runs):
 
 Overrides: --config.model=/path/to/model.gguf --config.max_new_tokens=128 --config.dtype=bfloat16
 With the latent-vulnerability section: --config.lvs.enabled=True
+With the safety-geometry section: --config.geometry.enabled=True
 """
 
 import ml_collections
 
-from lvs_jax import lvs_audit
+from lvs_jax import geometry_audit, lvs_audit
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,8 +35,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 10-20 CPU minutes. Enable with --config.lvs.enabled=True.
   c.lvs = lvs_audit.default_config()
   c.lvs.enabled = False
+  # Safety-geometry section (experiments/geometry.py runs it alone): off by default, it takes about
+  # an hour of CPU. Enable with --config.geometry.enabled=True.
+  c.geometry = geometry_audit.default_config()
+  c.geometry.enabled = False
   if arg == "smoke":
     lvs_audit.make_smoke(c.lvs)
+    geometry_audit.make_smoke(c.geometry)
     c.max_new_tokens = 8
     c.batch_size = 2
     for name in c.sets:

@@ -1,0 +1,243 @@
+"""Causal sweeps of carriers against matched random controls.
+
+Two compiled kernels, each one jitted function for a whole grid (one trace per batch shape):
+
+  add_sweep        h_l += c * v[l] on the residual stream entering layer l (site resid_pre), at every
+                   prompt token, for each cell (layer l, coefficient c, vector v) of a grid. The
+                   vectors are per-layer and **unnormalized**: coefficient units are the vector's own
+                   norm, so c = 1 adds the raw diff-in-means carrier (refusal_direction's
+                   activation addition) and c = -1 subtracts it. Reuses the clean prefix like
+                   `lvs_jax.sweeps.sweep` (layers < l run once).
+  ablation_sweep   for each direction d, projects d out of every layer and site (the
+                   refusal-direction "directional ablation") and evaluates the same metrics.
+
+Per cell and prompt both return refusal_score (logit refusal log-odds at the last prompt token,
+nats; `judges.refusal_score`), kl (KL(clean || edited) of the next token, nats), target_logprob and
+target_nll_per_token (of the batch's targets), plus the clean metrics as clean_*.
+
+Controls (`matched_controls`): random unit directions scaled to exactly the carrier's norm at each
+layer, independent across layers and seeds, so a control cell adds a vector of the same size at the
+same layer with the same coefficient, and only the direction differs.
+
+Effect sizes (`effect_vs_controls`, `paired_difference`): differences of means over the same
+prompts, with paired bootstrap intervals (prompts resampled with replacement, the same resample
+for every condition).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lvs_jax import edit as edit_lib
+from lvs_jax import judges, sweeps
+from lvs_jax import model as model_lib
+from lvs_jax.config import ModelConfig
+from lvs_jax.tokenizer import LoadedModel
+
+
+def matched_controls(key: jax.Array, vectors: jax.Array | np.ndarray, n: int) -> np.ndarray:
+  """n random vectors per layer with exactly the norm of `vectors` [L, D] at that layer -> [n, L, D] float32.
+
+  Directions are isotropic Gaussian, normalized (in float64, so norms match to float32 rounding).
+  """
+  v = np.asarray(vectors, np.float64)
+  r = np.asarray(jax.random.normal(key, (n, *v.shape), jnp.float32), np.float64)
+  r /= np.linalg.norm(r, axis=-1, keepdims=True)
+  return (r * np.linalg.norm(v, axis=-1)[None, :, None]).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
+def add_sweep(
+  params,
+  cfg: ModelConfig,
+  batch: sweeps.SweepBatch,
+  layers: jax.Array,
+  coefficients: jax.Array,
+  vectors: jax.Array,
+  refusal_ids: jax.Array,
+  *,
+  chunk: int = 8,
+) -> dict:
+  """Adds coefficient * vectors[v, l] at resid_pre of layer l (every prompt token), per grid cell.
+
+  layers [nL] int, coefficients [nC], vectors [nV, L, D] (absolute units, not normalized).
+  Returns {refusal_score, refusal_delta, kl, target_logprob, target_nll_per_token} each
+  [nL, nC, nV, B], and clean_* [B].
+  """
+  resid, clean = sweeps.clean_pass(params, cfg, batch, refusal_ids)
+  ctx = model_lib.context(batch.mask, cfg)
+  where = batch.prompt_mask.astype(jnp.float32)[..., None]  # [B, T, 1]
+  pos = sweeps.readout_positions(batch)
+  vecs = jnp.asarray(vectors, jnp.float32)
+  nC, nV = coefficients.shape[0], vecs.shape[0]
+  grid_c = jnp.repeat(coefficients.astype(jnp.float32), nV)
+  grid_v = jnp.tile(jnp.arange(nV), nC)
+
+  def per_layer(layer):
+    hl = jax.lax.dynamic_index_in_dim(resid, layer, keepdims=False)  # [B, T, D]
+
+    def cell(cv):
+      c, vi = cv
+      v = jax.lax.dynamic_index_in_dim(vecs, vi, keepdims=False)[layer]  # [D]
+      h = hl + (c * where * v).astype(hl.dtype)
+      h = sweeps.run_from_layer(params, cfg, ctx, h, layer)
+      met = sweeps.metrics_from_logits(model_lib.unembed(params, h, cfg, pos), batch, refusal_ids)
+      kl = jnp.sum(jnp.exp(clean["logp_last"]) * (clean["logp_last"] - met.pop("logp_last")), -1)
+      return dict(met, kl=kl)
+
+    out = jax.lax.map(cell, (grid_c, grid_v), batch_size=chunk)
+    return jax.tree.map(lambda x: x.reshape(nC, nV, *x.shape[1:]), out)
+
+  res = jax.lax.map(per_layer, jnp.asarray(layers, jnp.int32))
+  res["refusal_delta"] = res["refusal_score"] - clean["refusal_score"]
+  res.update({f"clean_{k}": v for k, v in clean.items() if k != "logp_last"})
+  return res
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "sites"))
+def ablation_sweep(
+  params,
+  cfg: ModelConfig,
+  batch: sweeps.SweepBatch,
+  directions: jax.Array,
+  refusal_ids: jax.Array,
+  *,
+  chunk: int = 4,
+  sites: tuple[str, ...] = edit_lib.SITES,
+) -> dict:
+  """Projects each direction [nD, D] (any norm) out of every layer at `sites`, at every position.
+
+  Returns {refusal_score, refusal_delta, kl, target_logprob, target_nll_per_token} each [nD, B],
+  and clean_* [B].
+  """
+  pos = sweeps.readout_positions(batch)
+  out = model_lib.forward(params, batch.tokens, cfg, attention_mask=batch.mask, logits_positions=pos)
+  clean = sweeps.metrics_from_logits(out.logits, batch, refusal_ids)
+
+  def cell(d):
+    e = edit_lib.ablate_directions(cfg.n_layers, d, sites=sites)
+    o = model_lib.forward(params, batch.tokens, cfg, attention_mask=batch.mask, edit=e, logits_positions=pos)
+    met = sweeps.metrics_from_logits(o.logits, batch, refusal_ids)
+    kl = jnp.sum(jnp.exp(clean["logp_last"]) * (clean["logp_last"] - met.pop("logp_last")), -1)
+    return dict(met, kl=kl)
+
+  res = jax.lax.map(cell, jnp.asarray(directions, jnp.float32), batch_size=chunk)
+  res["refusal_delta"] = res["refusal_score"] - clean["refusal_score"]
+  res.update({f"clean_{k}": v for k, v in clean.items() if k != "logp_last"})
+  return res
+
+
+def _batched(model: LoadedModel, prompts: Sequence[str], batch_size: int, fn, targets=None) -> dict:
+  """Runs fn(batch) over fixed-size batches (the last padded by repeating its final prompt) and
+  concatenates the per-prompt axis (the last one) of every output, dropping the padding."""
+  prompts = list(prompts)
+  size = min(batch_size, len(prompts))
+  parts = []
+  for b0 in range(0, len(prompts), size):
+    rows = list(range(b0, min(len(prompts), b0 + size)))
+    padded = rows + [rows[-1]] * (size - len(rows))
+    tg = None if targets is None else [targets[i] for i in padded]
+    batch = sweeps.make_batch(model.tokenizer, [prompts[i] for i in padded], tg)
+    res = fn(batch)
+    parts.append({k: np.asarray(v)[..., :len(rows)] for k, v in res.items()})
+  return {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
+
+
+def add_sweep_prompts(model: LoadedModel, prompts: Sequence[str], layers, coefficients, vectors, refusal_ids, *,
+                      targets=None, batch_size: int = 16, chunk: int = 8) -> dict:
+  """`add_sweep` over a prompt list -> numpy {name: [nL, nC, nV, N]} (clean_*: [N])."""
+  layers, coefficients = jnp.asarray(layers, jnp.int32), jnp.asarray(coefficients, jnp.float32)
+  vectors, ids = jnp.asarray(vectors, jnp.float32), jnp.asarray(refusal_ids)
+  return _batched(model, prompts, batch_size, targets=targets, fn=lambda b: add_sweep(
+    model.params, model.cfg, b, layers, coefficients, vectors, ids, chunk=chunk))
+
+
+def ablation_sweep_prompts(model: LoadedModel, prompts: Sequence[str], directions, refusal_ids, *, targets=None,
+                           batch_size: int = 16, chunk: int = 4) -> dict:
+  """`ablation_sweep` over a prompt list -> numpy {name: [nD, N]} (clean_*: [N])."""
+  dirs, ids = jnp.asarray(directions, jnp.float32), jnp.asarray(refusal_ids)
+  return _batched(model, prompts, batch_size, targets=targets, fn=lambda b: ablation_sweep(
+    model.params, model.cfg, b, dirs, ids, chunk=chunk))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _last_token_refusal(params, cfg, tokens, mask, edit, refusal_ids):
+  last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
+  logits = model_lib.forward(params, tokens, cfg, attention_mask=mask, edit=edit, logits_positions=last).logits
+  return judges.refusal_score(logits[:, 0], refusal_ids)
+
+
+def refusal_scores(model: LoadedModel, prompts: Sequence[str], refusal_ids, *, edit: edit_lib.Edit | None = None,
+                   batch_size: int = 16) -> np.ndarray:
+  """Logit refusal score [N] (nats) at the last prompt token under `edit` (one compilation per edit
+  structure and batch shape: the edit is a traced argument)."""
+  prompts = list(prompts)
+  size = min(batch_size, len(prompts))
+  ids = jnp.asarray(refusal_ids)
+  out = []
+  for b0 in range(0, len(prompts), size):
+    chunk = prompts[b0:b0 + size]
+    n = len(chunk)
+    chunk = chunk + [chunk[-1]] * (size - n)
+    tokens, mask = model.tokenizer.batch([model.tokenizer.format_chat(p) for p in chunk], pad_to_multiple=16)
+    out.append(np.asarray(_last_token_refusal(model.params, model.cfg, jnp.asarray(tokens), jnp.asarray(mask),
+                                              edit, ids))[:n])
+  return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- effect sizes
+
+
+def _boot_index(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+  return rng.integers(0, n, size=(n_boot, n))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+  """mean(a) - mean(b) over the same N prompts, with a paired bootstrap interval.
+
+  a, b: [N] or [K, N] (the mean over K, e.g. control seeds, is taken first for each resample).
+  Returns {diff, low, high, p_le_0 (share of resamples with diff <= 0)}.
+  """
+  a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+  if a.shape[-1] != b.shape[-1]:
+    raise ValueError(f"paired_difference: {a.shape[-1]} vs {b.shape[-1]} prompts")
+  d = a.mean(0) - b.mean(0)  # [N] per-prompt difference (K-averaged)
+  idx = _boot_index(np.random.default_rng(seed), d.shape[0], n_boot)
+  boots = d[idx].mean(-1)
+  alpha = (1 - level) / 2
+  return dict(diff=float(d.mean()), low=float(np.quantile(boots, alpha)), high=float(np.quantile(boots, 1 - alpha)),
+              p_le_0=float((boots <= 0).mean()))
+
+
+def effect_vs_controls(treated: np.ndarray, controls: np.ndarray, baseline: np.ndarray | None = None, *,
+                       n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+  """Effect of a carrier intervention against K matched random controls, on the same N prompts.
+
+  treated [N], controls [K, N], baseline [N] (unedited) or None; values per prompt (e.g. 1 if the
+  harmful prompt was answered, or a refusal score). Returns
+    treated, control_mean, control_max (over seeds), baseline       means
+    effect, effect_low, effect_high     mean(treated) - mean over seeds of mean(control), paired CI
+    delta, delta_low, delta_high        mean(treated) - mean(baseline) (when given)
+    control_delta (+ low/high)          mean(controls) - mean(baseline)
+    exceeds_all_controls                mean(treated) > every control seed's mean
+  """
+  t = np.asarray(treated, np.float64)
+  c = np.atleast_2d(np.asarray(controls, np.float64))
+  e = paired_difference(t, c, n_boot=n_boot, seed=seed, level=level)
+  cm = c.mean(-1)
+  out = dict(treated=float(t.mean()), control_mean=float(cm.mean()), control_max=float(cm.max()),
+             control_min=float(cm.min()), effect=e["diff"], effect_low=e["low"], effect_high=e["high"],
+             exceeds_all_controls=bool(t.mean() > cm.max()), n_prompts=int(t.shape[-1]), n_controls=int(c.shape[0]))
+  if baseline is not None:
+    b = np.asarray(baseline, np.float64)
+    d = paired_difference(t, b, n_boot=n_boot, seed=seed, level=level)
+    dc = paired_difference(c, b, n_boot=n_boot, seed=seed, level=level)
+    out.update(baseline=float(b.mean()), delta=d["diff"], delta_low=d["low"], delta_high=d["high"],
+               control_delta=dc["diff"], control_delta_low=dc["low"], control_delta_high=dc["high"])
+  return out
