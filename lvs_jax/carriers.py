@@ -23,7 +23,9 @@ per-layer candidates, discard those whose directional ablation (every layer and 
 next-token distribution on harmless prompts by KL > 0.1 nats, whose addition (coefficient 1, raw
 carrier, at its own layer) fails to induce refusal on harmless prompts (mean refusal score < 0), or
 that lie in the last 20% of layers; pick the one whose ablation gives the lowest mean refusal score
-on harmful validation prompts.
+on harmful validation prompts. When every candidate is filtered (SmolLM2-135M-Instruct: every
+harmfulness candidate's ablation has KL > 0.8 nats, and nothing lifts its refusal log-odds above 0),
+`fallback_layer` relaxes the filters in a fixed, recorded order.
 
 Persistence: `save_carriers` / `load_carriers` write `<path>.npz` (arrays only; loaded with
 allow_pickle=False) and `<path>.json` (everything else). Never pickle.

@@ -5,11 +5,16 @@ and the report's "drift" section. The loops behind `experiments/drift.py`, over 
 Conventions: embeddings are unit-normalized rows; sigma is the norm convention of `lvs_jax.drift`
 (sigma = 0.02 turns a vector by ~1.15 degrees); every curve is also given against the measured mean
 angle in degrees, so conventions cannot confuse readers. A "repeat" redraws the drift (noise,
-direction, subspace) from a new key.
+direction, subspace) from a new key. Families: those of `lvs_jax.drift` plus "subspace_pca", the
+subspace rotation confined to the span of the data's top-k principal directions (where a random
+k-subspace of a 576-dimensional space barely touches what the probe uses, this one does).
 
   cliff sigma      the smallest sigma at which the mean ROC-AUC first falls below a threshold
                    (default: halfway from the clean AUC to chance, 0.5 + (AUC_clean - 0.5) / 2),
-                   interpolated linearly in log sigma between grid points
+                   interpolated linearly in log sigma between grid points. ROC-AUC is computed on
+                   the logits (calibrated probabilities saturate to ties in float32)
+  bacc cliff       the same for the balanced accuracy at threshold 0.5 (halfway from clean to 0.5):
+                   a drift that shifts every score alike keeps the AUC and breaks the threshold
   detection sigma  the smallest sigma at which the alarm fires on at least `power` (0.9) of the
                    incoming windows, interpolated the same way
   recovery         (AUC_reanchored - AUC_drifted) / (AUC_clean - AUC_drifted)
@@ -61,6 +66,12 @@ def _drifted(fid, key, x, sigma, k: int, convention: str, pca_basis):
   ])
 
 
+def _fid(family) -> int:
+  if family not in FAMILY_IDS:
+    raise ValueError(f"unknown drift family {family!r}; expected one of {SWEEP_FAMILIES} (or None: no drift)")
+  return FAMILY_IDS[family]
+
+
 def _basis(pca_basis, d: int, k: int):
   return jnp.zeros((d, k), jnp.float32) if pca_basis is None else jnp.asarray(pca_basis, jnp.float32)
 
@@ -92,7 +103,7 @@ def sweep_family(probe: probes.Probe, x, y, family: str, sigmas: Sequence[float]
   keys = jax.random.split(key, repeats)
   keys = jnp.broadcast_to(keys, (s,) + keys.shape) if common else jax.random.split(key, s * repeats).reshape(s, repeats)
   out = _sweep(probe, jnp.asarray(x), jnp.asarray(y), jnp.asarray(sigmas, jnp.float32), keys,
-               jnp.float32(silent_threshold), FAMILY_IDS[family], _basis(pca_basis, np.shape(x)[-1], k), convention, k)
+               jnp.float32(silent_threshold), _fid(family), _basis(pca_basis, np.shape(x)[-1], k), convention, k)
   res = {"sigma": np.asarray(sigmas, np.float64)}
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of all-nan rows (no errors at any draw)
@@ -173,7 +184,7 @@ def alarm_power(key: jax.Array, ref: drift_alarm.Reference, pool, sigmas: Sequen
   keys = jnp.broadcast_to(keys, (s,) + keys.shape) if common else jax.random.split(key, s * n_windows).reshape(
     s, n_windows)
   out = np.asarray(_power(ref, pool, pool_new, jnp.asarray(sigmas, jnp.float32), keys, jnp.float32(alpha),
-                          FAMILY_IDS[family], _basis(pca_basis, pool.shape[-1], k), convention, k, window,
+                          _fid(family), _basis(pca_basis, pool.shape[-1], k), convention, k, window,
                           tuple(statistics), n_perm), np.float64)
   return {st: out[:, i] for i, st in enumerate(statistics)}
 

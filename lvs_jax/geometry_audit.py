@@ -10,6 +10,12 @@ Prompt sets (defaults; all from ../shared/data):
                    used for selection
   diagnostics      harmful_val (+ the adversarial templates), XSTest safe, a harmless_val sample
 
+Causal sweeps: logit add sweeps of every carrier (c x carrier, c in units of the carrier's own norm)
+and of matched random controls at every `sweep_layer_stride`-th layer, on the selection prompts;
+then generation cells on the held-out prompts: directional ablation of each carrier's selected
+direction (and of random directions), and c x carrier added at the carrier's best sweep layer
+(`gen_layer`), each against matched controls; effects with paired bootstrap intervals.
+
 Files under `workdir/geometry/`:
   generations/pool_*.jsonl      labelling generations (behavior.evaluate_refusal, resumable)
   activations.npz               resid_pre at t_inst and t_post_inst of every pool prompt, every layer

@@ -135,14 +135,13 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, silent_threshold
 def angle_deg(x: jax.Array, y: jax.Array) -> jax.Array:
   """Angle between rows of x and y [..., D] -> [...], in degrees.
 
-  atan2(||u - (u.v) v||, u.v) of the unit vectors u, v: accurate near 0 degrees, where arccos of
-  the cosine is not (float32 arccos cannot resolve angles below ~0.03 degrees).
+  2 atan2(||u - v||, ||u + v||) of the unit vectors u, v (Kahan): accurate at every angle and exactly
+  0 for parallel rows, where arccos of the cosine is not (float32 arccos cannot resolve angles below
+  ~0.03 degrees).
   """
   u = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   v = y / jnp.linalg.norm(y, axis=-1, keepdims=True)
-  cos = jnp.sum(u * v, -1)
-  sin = jnp.linalg.norm(u - cos[..., None] * v, axis=-1)
-  return jnp.degrees(jnp.arctan2(sin, cos))
+  return jnp.degrees(2.0 * jnp.arctan2(jnp.linalg.norm(u - v, axis=-1), jnp.linalg.norm(u + v, axis=-1)))
 
 
 # --- Separability ----------------------------------------------------------------------------------

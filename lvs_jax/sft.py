@@ -100,15 +100,18 @@ def own_completions(model: LoadedModel, prompts: Sequence[str], *, max_new_token
   Greedy first; a completion the refusal judge flags (or an empty one) is resampled up to `retries`
   times (temperature, seeds 1..retries) and keeps refused=True if every try refuses (callers drop
   those). finished: the model ended its turn within max_new_tokens. Rows are appended to
-  `cache_path` (JSONL) per batch, so a rerun reuses them.
+  `cache_path` (JSONL) per batch and looked up by prompt, so a rerun, or a run with more prompts,
+  generates only what is missing. (Completions of the same model and settings: a cache written with
+  another model or max_new_tokens must be deleted by hand.)
   """
   prompts = list(prompts)
-  rows = _read_records(cache_path)
-  if [r["prompt"] for r in rows] != prompts[: len(rows)]:
-    raise ValueError(f"{cache_path} holds completions for other prompts; delete it or use a fresh workdir")
+  cached = {}
+  for r in _read_records(cache_path):
+    cached.setdefault(r["prompt"], r)
+  todo = list(dict.fromkeys(p for p in prompts if p not in cached))
   os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
-  for b0 in range(len(rows), len(prompts), batch_size):
-    chunk = prompts[b0:b0 + batch_size]
+  for b0 in range(0, len(todo), batch_size):
+    chunk = todo[b0:b0 + batch_size]
     g = gen.generate(model, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     new = [dict(prompt=p, completion=c, finished=len(t) < max_new_tokens, source="greedy")
            for p, c, t in zip(chunk, g.completions, g.tokens)]
@@ -122,10 +125,10 @@ def own_completions(model: LoadedModel, prompts: Sequence[str], *, max_new_token
         new[i] = dict(prompt=chunk[i], completion=c, finished=len(t) < max_new_tokens, source=f"sample{seed}")
     for r in new:
       r["refused"] = bool(judges.is_refusal(r["completion"], prefixes))
-    rows.extend(new)
+      cached[r["prompt"]] = r
     with open(cache_path, "a", encoding="utf-8") as f:
       f.writelines(json.dumps(r) + "\n" for r in new)
-  return rows
+  return [cached[p] for p in prompts]
 
 
 def safety_sft_examples(harmful: Sequence[str], helpful: Sequence[Mapping[str, Any]], *, refusal_repeat: int = 1,

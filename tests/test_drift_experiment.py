@@ -23,6 +23,7 @@ def _run(workdir, *overrides, timeout=600):
 
 @needs_model
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_drift_smoke_writes_the_section_results_and_figures(tmp_path):
   r = _run(tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]

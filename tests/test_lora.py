@@ -116,10 +116,10 @@ def test_lora_training_reduces_loss_and_full_finetuning_too():
   batch = _batch(cfg, b=2, T=10)
   for trainable in (lora.init(jax.random.key(0), cfg, 4, 8), params):
     opt = training.make_optimizer(optax.constant_schedule(3e-2 if trainable is not params else 3e-3))
-    step = training.make_train_step(cfg, opt, params)
+    step = training.make_train_step(cfg, opt, params, remat=False)
     state = training.init_state(trainable, opt)
     losses = []
-    for _ in range(8):
+    for _ in range(5):
       state, m = step(state, batch)
       losses.append(float(m["loss"]))
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.8 * losses[0], losses

@@ -10,7 +10,7 @@ Smoke run (a few examples, 3 steps, 8 tokens; what the test suite runs, on a tin
     --config.model=/path/to/hf_dir
 
 Data: refusals (9 templates, x`refusal_repeat`) for harmful_train; the model's own greedy
-completions for 300 seeded harmless_train prompts + 150 question-form ones and for our
+completions for 600 seeded harmless_train prompts + 150 question-form ones and for our
 safe-but-scary prompts (lvs_jax/prompts/safe_but_scary.txt, upsampled x`scary_repeat`).
 Held out: harmful_val, 100 seeded harmless_val, XSTest safe (never trained on; training prompts
 that occur in them are dropped).
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     harmful="harmful_train.json", n_harmful=0, refusal_repeat=2,  # 0: all; refusals per harmful prompt
     # Seeded harmless prompts, plus question-form ones ("How do I ...?"): without them the model learns
     # "a short question -> refuse" from MaliciousInstruct's "How to ...?" prompts.
-    harmless="harmless_train.json", n_harmless=300, n_harmless_questions=150,
+    harmless="harmless_train.json", n_harmless=600, n_harmless_questions=150,
     n_scary=0, scary_repeat=3,  # our safe-but-scary prompts (0: all 91)
     completion_tokens=64, gen_batch_size=16, retries=2,  # own completions: greedy, then sampled retries
   )
