@@ -10,29 +10,20 @@ training (last committed checkpoint) and the per-checkpoint evaluation (finished
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
-flags.DEFINE_string("workdir", None, "Directory for everything the run writes.", required=True)
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
-config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-FLAGS = flags.FLAGS
+from lvs_jax import cli
+
+cli.define_flags("Training config file.")
 
 
 def main(argv):
-  del argv
-  os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  import jax
+  cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
   from lvs_jax import behavior, checkpoints, data, sft, training
-  from lvs_jax import report as report_lib
   from lvs_jax.io import registry
 
-  if FLAGS.distributed or os.environ.get("LVS_DISTRIBUTED"):
-    jax.distributed.initialize()
-  cfg, workdir = FLAGS.config, FLAGS.workdir
-  os.makedirs(workdir, exist_ok=True)
   log = lambda m: (logging.info(m), print(m, flush=True))  # noqa: E731
 
   sets = {}
@@ -61,22 +52,17 @@ def main(argv):
 
   traj = checkpoints.trajectory(run.checkpointer.directory, run.abstract_state, attack_success,
                                 os.path.join(workdir, "trajectory.csv"), log=log)
-  rep = report_lib.Report(workdir)
-  rep.set_meta(model=cfg.model, source=model.source, dtype=cfg.dtype, backend=jax.default_backend(),
-               config=cfg.to_dict())
   key = "asr" if len(sets) == 1 else f"asr/{next(iter(sets))}"
   first, last = traj[0], traj[-1]
-  rep.add_section(sft.training_section(
+  section = sft.training_section(
     "Harmful fine-tuning attack", run.rows, {}, trajectory=traj,
     summary={"attack_model": cfg.model, f"{key}@step{first['step']}": first[key],
              f"{key}@step{last['step']}": last[key], "n_pairs": len(pairs)},
     notes=f"{cfg.mode} fine-tuning of {cfg.model} on {len(pairs)} (harmful prompt, target) pairs from "
     f"{cfg.data.pairs}; loss on the target tokens only. ASR = 1 - refusal rate of greedy generations "
     f"({e.max_new_tokens} new tokens) on held-out {', '.join(sets)}, judged by the {e.prefixes} refusal phrases "
-    "(a keyword judge: it measures 'did not refuse', not harmfulness). Seconds per step: median after the first."))
-  html = rep.render_html()
-  print(report_lib.print_summary(rep.load()))
-  print(f"report: {html}")
+    "(a keyword judge: it measures 'did not refuse', not harmfulness). Seconds per step: median after the first.")
+  cli.write_section(workdir, section, model=cfg.model, source=model.source, dtype=cfg.dtype, config=cfg.to_dict())
 
 
 if __name__ == "__main__":

@@ -12,29 +12,20 @@ an HF directory; "registry" is where `load_model("smollm2-135m-aligned")` looks.
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
-flags.DEFINE_string("workdir", None, "Directory for everything the run writes.", required=True)
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
-config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-FLAGS = flags.FLAGS
+from lvs_jax import cli
+
+cli.define_flags("Training config file.")
 
 
 def main(argv):
-  del argv
-  os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  import jax
+  cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
   from lvs_jax import data, sft
-  from lvs_jax import report as report_lib
   from lvs_jax.io import registry
 
-  if FLAGS.distributed or os.environ.get("LVS_DISTRIBUTED"):
-    jax.distributed.initialize()
-  cfg, workdir = FLAGS.config, FLAGS.workdir
-  os.makedirs(workdir, exist_ok=True)
   log = lambda m: (logging.info(m), print(m, flush=True))  # noqa: E731
 
   # Every prompt set first (a bad path fails before the model loads); training data never overlaps them.
@@ -89,22 +80,17 @@ def main(argv):
   export = registry.aligned_model_dir() if cfg.export == "registry" else cfg.export
   if export:
     log(f"exported merged weights to {sft.export(model, params, export)}")
-  rep = report_lib.Report(workdir)
-  rep.set_meta(model=cfg.model, source=model.source, dtype=cfg.dtype, backend=jax.default_backend(),
-               config=cfg.to_dict())
   examples_shown = [dict(set=r.name, prompt=x["prompt"], completion=x["completion"], refused=x["refused"])
                     for r in final for x in r.records[:3]]
-  rep.add_section(sft.training_section(
+  section = sft.training_section(
     "Safety SFT (aligned anchor)", run.rows, evals, examples=examples_shown,
     summary={**{f"target_met/{k}": v for k, v in met.items()}, "export": export or None,
              "n_examples": len(examples), **{f"examples/{k}": v for k, v in counts.items()}},
     notes=f"{cfg.mode} fine-tuning of {cfg.model} on refusals (templates in lvs_jax.sft.REFUSALS) for harmful "
     "prompts and the model's own greedy completions (sampled retries when the judge flagged them) for harmless "
     "and safe-but-scary prompts; loss on completion tokens only. 'base' = before, 'final' = after, evaluated on "
-    f"held-out sets with {e.max_new_tokens} new tokens, greedy. Seconds per step: median after the first step."))
-  html = rep.render_html()
-  print(report_lib.print_summary(rep.load()))
-  print(f"report: {html}")
+    f"held-out sets with {e.max_new_tokens} new tokens, greedy. Seconds per step: median after the first step.")
+  cli.write_section(workdir, section, model=cfg.model, source=model.source, dtype=cfg.dtype, config=cfg.to_dict())
 
 
 if __name__ == "__main__":
