@@ -19,7 +19,7 @@ def main(argv):
   cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
-  from lvs_jax import behavior, data, geometry_audit, lvs_audit
+  from lvs_jax import behavior, data, drift_audit, geometry_audit, lvs_audit
   from lvs_jax.io import registry
 
   # Load every prompt set first: a bad path fails before the model loads.
@@ -29,6 +29,8 @@ def main(argv):
     sets[name] = data.sample(ps, spec["n"], seed=cfg.seed) if spec.get("n") else ps
   if cfg.geometry.enabled:
     geometry_audit.prompt_sets(cfg.geometry)
+  if cfg.drift.enabled:
+    drift_audit.prompt_sets(cfg.drift)
   model = registry.load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))
   logging.info("loaded %s (%s)", cfg.model, model.source)
   meta = dict(model=cfg.model, source=model.source, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
@@ -44,6 +46,9 @@ def main(argv):
     cli.write_section(workdir, lvs_audit.run(model, prompts, targets, cfg.lvs, workdir), verbose=False, **meta)
   if cfg.geometry.enabled:
     section = geometry_audit.run(model, cfg.geometry, workdir, model_name=cfg.model)
+    cli.write_section(workdir, section, verbose=False, **meta)
+  if cfg.drift.enabled:
+    section = drift_audit.run(model, cfg.drift, workdir, model_name=cfg.model)
     cli.write_section(workdir, section, verbose=False, **meta)
   cli.write_section(workdir, behavior.behavior_section(results, n_examples=cfg.n_examples), **meta)
 

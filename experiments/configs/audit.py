@@ -1,4 +1,4 @@
-r"""Safety audit of a model: the behavioral section (more sections join as they land).
+r"""Safety audit of a model: behavior, and optionally latent vulnerability, safety geometry, embedding drift.
 
 Full audit of the default model (about 5 minutes on a 2-core CPU):
   python experiments/audit.py --config=experiments/configs/audit.py --workdir=/tmp/audit
@@ -9,11 +9,12 @@ Smoke run (2 prompts a set, 8 tokens; what the test suite runs):
 Overrides: --config.model=/path/to/model.gguf --config.max_new_tokens=128 --config.dtype=bfloat16
 With the latent-vulnerability section: --config.lvs.enabled=True
 With the safety-geometry section: --config.geometry.enabled=True
+With the embedding-drift section: --config.drift.enabled=True
 """
 
 import ml_collections
 
-from lvs_jax import geometry_audit, lvs_audit
+from lvs_jax import drift_audit, geometry_audit, lvs_audit
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -39,9 +40,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # an hour of CPU. Enable with --config.geometry.enabled=True.
   c.geometry = geometry_audit.default_config()
   c.geometry.enabled = False
+  # Embedding-drift section (experiments/drift.py runs it alone): off by default, it takes 15-25
+  # CPU minutes. Enable with --config.drift.enabled=True.
+  c.drift = drift_audit.default_config()
+  c.drift.enabled = False
   if arg == "smoke":
     lvs_audit.make_smoke(c.lvs)
     geometry_audit.make_smoke(c.geometry)
+    drift_audit.make_smoke(c.drift)
     c.max_new_tokens = 8
     c.batch_size = 2
     for name in c.sets:
