@@ -2,7 +2,7 @@ r"""Safety SFT of SmolLM2-135M-Instruct into our aligned anchor, `smollm2-135m-a
 
 Builds the anchor, evaluates it against the base model on held-out data, and exports the merged
 weights to the loader's cache ($LVS_CACHE_DIR or ~/.cache/lvs_jax, then models/smollm2-135m-aligned),
-where `load_model("smollm2-135m-aligned")` finds them (about 25 minutes on a 2-core CPU):
+where `load_model("smollm2-135m-aligned")` finds them (about 40 minutes on a 2-core CPU):
   python experiments/train_sft.py --config=experiments/configs/safety_sft.py --workdir=/tmp/safety_sft
 
 Smoke run (a few examples, 3 steps, 8 tokens; what the test suite runs, on a tiny model):
@@ -10,7 +10,7 @@ Smoke run (a few examples, 3 steps, 8 tokens; what the test suite runs, on a tin
     --config.model=/path/to/hf_dir
 
 Data: refusals (9 templates, x`refusal_repeat`) for harmful_train; the model's own greedy
-completions for 600 seeded harmless_train prompts + 150 question-form ones and for our
+completions for 1200 seeded harmless_train prompts + 300 question-form ones and for our
 safe-but-scary prompts (lvs_jax/prompts/safe_but_scary.txt, upsampled x`scary_repeat`).
 Held out: harmful_val, 100 seeded harmless_val, XSTest safe (never trained on; training prompts
 that occur in them are dropped).
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mode = "lora"  # lora | full
   c.lora = dict(rank=16, alpha=32, modules="q,k,v,o,gate,up,down")
   c.optim = dict(lr=3e-4, warmup_steps=10, end_fraction=0.1, weight_decay=0.0, clip_norm=1.0)
-  c.num_steps = 200
+  c.num_steps = 300
   c.batch = dict(batch_size=4, micro_batches=1, seq_len=256, packing=True)
   c.compute_dtype = "float32"  # bfloat16: bf16 compute, float32 master weights
   c.remat = True
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     harmful="harmful_train.json", n_harmful=0, refusal_repeat=2,  # 0: all; refusals per harmful prompt
     # Seeded harmless prompts, plus question-form ones ("How do I ...?"): without them the model learns
     # "a short question -> refuse" from MaliciousInstruct's "How to ...?" prompts.
-    harmless="harmless_train.json", n_harmless=600, n_harmless_questions=150,
+    harmless="harmless_train.json", n_harmless=1200, n_harmless_questions=300,
     n_scary=0, scary_repeat=3,  # our safe-but-scary prompts (0: all 91)
     completion_tokens=64, gen_batch_size=16, retries=2,  # own completions: greedy, then sampled retries
   )
