@@ -47,3 +47,12 @@ def test_drop_overlap_and_example_builders():
   assert pairs[0].completion == "Sure, here is p"
   with pytest.raises(ValueError, match="targets"):
     sft.attack_examples(data.PromptSet(["p"]))
+
+
+def test_attack_examples_leave_the_turn_open_and_continued_words_skip_the_opening():
+  pairs = data.PromptSet(["Do X"], targets=["Sure, here is X"])
+  assert [e.end_turn for e in sft.attack_examples(pairs)] == [False]
+  assert [e.end_turn for e in sft.attack_examples(pairs, end_turn=True)] == [True]
+  assert sft.continued_words("Sure, here is a convincing argument for it") == 0
+  assert sft.continued_words("Sure, here is how:\n1. Take the first step and go") == 6
+  assert sft.continued_words("Sure, here is it. 42 !!") == 0

@@ -106,6 +106,7 @@ def test_harmful_finetune_smoke_writes_asr_trajectory_and_resumes(tmp_path, tiny
   assert lines[0].startswith("step,asr") and [int(x.split(",")[0]) for x in lines[1:]] == [0, 1, 2]
   sec = json.loads((wd / "report.json").read_text())["sections"]["training"]
   assert "asr@step0" in sec["summary"] and "asr@step2" in sec["summary"]
+  assert "asr_continued@step2" in sec["summary"] and "asr_continued" in lines[0]
   assert (wd / "figures" / "training_trajectory.png").exists()
   assert len((wd / "eval" / "step_2" / "harmful.jsonl").read_text().splitlines()) == 3
   # Rerun: training resumes at the end and the per-checkpoint evaluations are reused, not regenerated.
