@@ -57,9 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.reanchor = ml_collections.ConfigDict(dict(
     n_anchors=(8, 16, 32, 64, 128, 256), n_pool=256, repeats=4, identity_prior=1e-4, cliff_multiples=(1.0, 3.0)))
   c.augment = ml_collections.ConfigDict(dict(sigma=0.0, copies=4))  # sigma 0: the main probe's isotropic cliff
-  # Real drift sources: "perturb:<rho>" (this model with every weight matrix W + rho ||W||_F/sqrt(n) N(0,1))
-  # or a registered name / path of another checkpoint with the same tokenizer (e.g. smollm2-135m-aligned,
-  # or consecutive fine-tuning checkpoints).
+  # Real drift sources: "perturb:<rho>" (this model with every weight matrix W + rho ||W||_F/sqrt(n) N(0,1)),
+  # "ckpt:<run>/checkpoints@<step>" (consecutive checkpoints of a fine-tuning run of this model), or a
+  # registered name / path of another checkpoint with the same tokenizer (e.g. smollm2-135m-aligned).
   c.real = ml_collections.ConfigDict(dict(
     sources=("perturb:0.005", "perturb:0.01", "perturb:0.02", "perturb:0.05", "perturb:0.1", "perturb:0.2"),
     separability_source="perturb:0.05"))
@@ -133,11 +133,27 @@ def select_layer(model, sets, cfg, emb_dir: str) -> tuple[dict, np.ndarray]:
 
 
 def changed_model(model, source: str, seed: int):
-  """(model B, rho) for a real-drift source: "perturb:<rho>" or a registered name / checkpoint path."""
+  """(model B, magnitude) for a real-drift source:
+    "perturb:<rho>"            this model, every weight matrix W + rho ||W||_F/sqrt(n) N(0,1); magnitude rho
+    "ckpt:<checkpoint dir>@<step>"  a committed step of a fine-tuning run of *this* model (experiments/
+                               train_sft.py or harmful_finetune.py; LoRA merged); magnitude = the step
+    anything else              a registered name or a checkpoint path (same tokenizer); magnitude NaN
+  """
   if source.startswith("perturb:"):
     rho = float(source.split(":", 1)[1])
     params = drift.perturb_weights(jax.random.fold_in(jax.random.key(seed), int(rho * 1e6)), model.params, rho)
     return dataclasses.replace(model, params=params, name=f"{model.name}+{source}@seed{seed}"), rho
+  if source.startswith("ckpt:"):
+    from lvs_jax import checkpoints, sft
+
+    path, sep, step = source[len("ckpt:"):].rpartition("@")
+    if not sep or not step.isdigit():
+      raise ValueError(f"drift source {source!r}: expected 'ckpt:<checkpoint dir>@<step>'")
+    steps = checkpoints.committed_steps(path) if os.path.isdir(path) else []
+    if int(step) not in steps:
+      raise ValueError(f"drift source {source!r}: no committed step {step} in {path} (committed: {steps})")
+    params = sft.checkpoint_params(path, int(step), model)
+    return dataclasses.replace(model, params=params, name=f"{model.name}+{source}"), float(step)
   from lvs_jax.io import registry
 
   return registry.load_model(source, dtype=model.params.embed.dtype), float("nan")

@@ -114,3 +114,19 @@ def test_harmful_finetune_smoke_writes_asr_trajectory_and_resumes(tmp_path, tiny
   r2 = _run("harmful_finetune.py", "harmful_finetune.py:smoke", wd, jax_cache, f"--config.model={tiny_chat_model}")
   assert r2.returncode == 0, r2.stderr[-3000:]
   assert "resuming from step 2" in r2.stdout and (wd / "trajectory.csv.jsonl").read_text() == before
+  # The run's checkpoints are real-drift sources for the drift audit ("ckpt:<dir>@<step>").
+  import numpy as np
+
+  from lvs_jax import drift_audit, sft
+  from lvs_jax.io import registry
+
+  base = registry.load_model(tiny_chat_model)
+  ckdir = str(wd / "checkpoints")
+  b, magnitude = drift_audit.changed_model(base, f"ckpt:{ckdir}@2", seed=0)
+  assert magnitude == 2.0 and b.tokenizer is base.tokenizer
+  want = sft.checkpoint_params(ckdir, 2, base)
+  for got, ref in zip(jax.tree.leaves(b.params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(got, ref)
+  assert not np.array_equal(b.params.layers.wq, base.params.layers.wq)  # LoRA merged in
+  with pytest.raises(ValueError, match=r"no committed step 7 .*committed: \[0, 1, 2\]"):
+    drift_audit.changed_model(base, f"ckpt:{ckdir}@7", seed=0)
