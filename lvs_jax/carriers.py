@@ -308,6 +308,17 @@ def candidate_scores(model: LoadedModel, carrier: Carrier, harmful: Sequence[str
   return out
 
 
+def _degenerate(scores: Mapping, rtol: float = 1e-6) -> np.ndarray:
+  """[n] True where the candidate carrier is ~zero (norm <= rtol x the largest): at resid_pre of layer 0
+  the last prompt token is the same template token in every prompt, so its difference in means is
+  exactly 0, ablating it does nothing, and it would pass the KL filter. Needs scores["norms"]."""
+  n = len(np.asarray(scores["layers"]))
+  if "norms" not in scores:
+    return np.zeros(n, bool)
+  norms = np.asarray(scores["norms"], float)
+  return ~(norms > rtol * np.nanmax(norms))
+
+
 def select_layer(scores: Mapping, n_layers: int, cfg: SelectionConfig = SelectionConfig()) -> dict:
   """refusal_direction's choice from `candidate_scores` output -> selection metadata.
 
@@ -316,11 +327,14 @@ def select_layer(scores: Mapping, n_layers: int, cfg: SelectionConfig = Selectio
   """
   cands = []
   cutoff = int(n_layers * (1.0 - cfg.prune_layer_fraction))
+  zero = _degenerate(scores)
   for i, layer in enumerate(np.asarray(scores["layers"]).tolist()):
     a, k, s = (float(scores[key][i]) for key in ("ablation_refusal", "ablation_kl", "steering_refusal"))
     reason = None
     if any(math.isnan(x) for x in (a, k, s)):
       reason = "nan"
+    elif zero[i]:
+      reason = "zero carrier (the token is the same in every prompt at this layer)"
     elif layer >= cutoff:
       reason = f"layer >= {cutoff} (last {cfg.prune_layer_fraction:.0%})"
     elif k > cfg.kl_threshold:
@@ -349,9 +363,10 @@ def fallback_layer(scores: Mapping, n_layers: int, cfg: SelectionConfig = Select
   layers = np.asarray(scores["layers"])
   a = np.asarray(scores["ablation_refusal"], float)
   k = np.asarray(scores["ablation_kl"], float)
-  ok = (layers < cutoff) & np.isfinite(a) & np.isfinite(k)
+  usable = np.isfinite(a) & np.isfinite(k) & ~_degenerate(scores)
+  ok = (layers < cutoff) & usable
   if not ok.any():
-    ok = np.isfinite(a) & np.isfinite(k)
+    ok = usable
   if not ok.any():
     return int(layers[0]), "first"
   low_kl = ok & (k <= cfg.kl_threshold)

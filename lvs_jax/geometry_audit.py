@@ -306,6 +306,7 @@ def run_selection(model, cs, sets, cfg, d: str) -> None:
                                            layers=range(0, n_layers, cfg.candidate_layer_stride),
                                            batch_size=cfg.batch_size)
         seconds = time.time() - t0
+      scores["norms"] = np.linalg.norm(np.asarray(c.vectors, np.float64)[np.asarray(scores["layers"])], axis=-1)
       sel = carriers.select_layer(scores, n_layers, scfg)
       sel["rule"] = "refusal_direction"
       if sel["layer"] is None:

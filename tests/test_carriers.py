@@ -259,6 +259,20 @@ def test_select_layer_applies_refusal_direction_filters():
   assert carriers.fallback_layer(scores, n_layers=10) == (7, "min_kl")
 
 
+def test_zero_carriers_are_never_selected():
+  """At resid_pre of layer 0 the last prompt token is one template token for every prompt: the carrier
+  there is exactly 0, ablating it changes nothing (so it passes the KL filter), and it must not win."""
+  scores = dict(layers=np.arange(6), ablation_refusal=np.array([3.0, -1, -2, -1, -1, -1]),
+                ablation_kl=np.array([0.001, 0.5, 0.6, 0.7, 0.8, 0.9]),
+                steering_refusal=np.array([-4.0, -3, -3, -3, -3, -3]),
+                norms=np.array([0.0, 5.0, 6.0, 7.0, 8.0, 9.0]))
+  sel = carriers.select_layer(scores, n_layers=6)
+  assert sel["layer"] is None and "zero carrier" in sel["candidates"][0]["discarded"]
+  assert carriers.fallback_layer(scores, n_layers=6) == (1, "min_kl")  # not layer 0's "no_steering_filter"
+  del scores["norms"]
+  assert carriers.fallback_layer(scores, n_layers=6) == (0, "no_steering_filter")
+
+
 def test_carriers_save_and_load_roundtrip(tmp_path):
   rng = np.random.default_rng(0)
   cs = {n: carriers.Carrier(n, rng.normal(size=(3, 8)).astype(np.float32), carriers.POOLING[n], n_pos=4, n_neg=5,
