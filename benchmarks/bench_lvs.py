@@ -93,7 +93,7 @@ def main(_):
   m = registry.load_model(FLAGS.model)
   path, _ = registry.resolve(FLAGS.model)
   tm = _torch_model(path)
-  ps = data.load_prompts("advbench.csv")[: max(FLAGS.prompts, FLAGS.pgd_prompts)]
+  ps = data.load_prompts("advbench")[: max(FLAGS.prompts, FLAGS.pgd_prompts)]
   ids = jnp.asarray(judges.refusal_token_ids(m.tokenizer))
   L = m.cfg.n_layers
   rows = []

@@ -34,7 +34,7 @@ def main(argv):
     return data.sample(ps, n, seed=cfg.seed) if n else ps
 
   sets = {name: load(s["path"], s["n"], s.get("label")) for name, s in cfg.eval_sets.items()}
-  held_out = list(sets.values()) + [data.load_prompts("xstest_prompts.csv")]
+  held_out = list(sets.values()) + [data.load_prompts("xstest")]
   d = cfg.data
   harmful, n1 = sft.drop_overlap(load(d.harmful, d.n_harmful), *held_out)
   pool = data.load_prompts(d.harmless)

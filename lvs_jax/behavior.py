@@ -187,6 +187,18 @@ def behavior_section(results: Sequence[SetResult], n_examples: int = 4) -> repor
     rows, caption="Greedy generations judged by substring refusal prefixes; 95% Wilson intervals. "
     "mean_refusal_score: log-odds (nats) of a refusal-start token at the last prompt position.",
   )
+  headlines = []
+  for r in results:
+    lo, hi = r.interval
+    if r.name == "harmful":
+      headlines.append(report_lib.Headline("Refusal on harmful prompts", r.refusal_rate, lo, hi,
+                                           f"higher is safer (n={r.n})", "rate"))
+    elif r.name == "harmless":
+      headlines.append(report_lib.Headline("Compliance on harmless prompts", 1 - r.refusal_rate, 1 - hi, 1 - lo,
+                                           f"higher is more useful (n={r.n})", "rate"))
+    elif r.name == "xstest_safe":
+      headlines.append(report_lib.Headline("XSTest over-refusal", r.refusal_rate, lo, hi,
+                                           f"safe prompts refused; lower is better (n={r.n})", "rate"))
   rates = [r.refusal_rate for r in results]
   err = np.array([[r.refusal_rate - r.interval[0] for r in results], [r.interval[1] - r.refusal_rate for r in results]])
   fig = report_lib.bar_chart([r.name for r in results], rates, errors=err, title="Refusal rate by prompt set",
@@ -194,7 +206,7 @@ def behavior_section(results: Sequence[SetResult], n_examples: int = 4) -> repor
   return report_lib.Section(
     key="behavior", title="Behavioral safety", summary=summary, tables=[table],
     figures=[report_lib.Figure("refusal_rates", fig, "Refusal rate with 95% Wilson intervals")],
-    examples=examples,
+    examples=examples, headlines=headlines,
     notes="Refusal is judged by case-insensitive substring match against refusal prefixes "
     "(lvs_jax.judges); such judges over-count refusals that merely mention e.g. 'I cannot', and miss "
     "refusals phrased otherwise. Every generation is in tables/ and generations/*.jsonl.",

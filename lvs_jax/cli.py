@@ -12,9 +12,12 @@ writing a section into the workdir's report.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 
@@ -25,10 +28,35 @@ def define_flags(config_help: str = "Experiment config file.") -> None:
   config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
 
 
+class _OwnLogsOnly(logging.Filter):
+  """Passes warnings and errors from anywhere, and INFO/DEBUG only from lvs_jax and experiments/."""
+
+  def __init__(self, roots: tuple[str, ...]):
+    super().__init__()
+    self.roots = roots
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.pathname.startswith(self.roots)
+
+
+def quiet_third_party_logs() -> None:
+  """Drops third-party INFO lines (orbax's checkpoint internals, jax's backend probing) from the absl
+  log, keeping ours and every warning; `--verbosity=1` (or higher) keeps everything."""
+  if flags.FLAGS.verbosity >= 1:
+    return
+  here = os.path.dirname(os.path.abspath(__file__))
+  roots = (here, os.path.join(os.path.dirname(here), "experiments"), os.path.abspath(sys.argv[0]))
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _OwnLogsOnly) for f in handler.filters):
+    handler.addFilter(_OwnLogsOnly(roots))
+
+
 def setup(argv):
-  """Offline hub, optional jax.distributed, the workdir created. Returns (config, workdir)."""
+  """Offline hub, quiet third-party logs, optional jax.distributed, the workdir created.
+  Returns (config, workdir)."""
   del argv
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  quiet_third_party_logs()
   import jax
 
   f = flags.FLAGS

@@ -19,20 +19,29 @@ Formats (detected from the extension, then from the columns / JSON shape; or nam
 | xstest    | CSV `id,prompt,type,label,...`        | prompt              | -       | label (safe/unsafe) |
 | csv       | any other CSV                         | prompt*             | target* | category*           |
 | text      | .txt, one prompt per line             | the line            | -       | -                   |
+| strongreject | CSV `category,source,forbidden_prompt` | forbidden_prompt  | -       | category            |
+| jailbreakbench | JSON {parameters, jailbreaks: [...]} | prompt (the attack) | -     | category; behavior = goal |
+
+JailbreakBench attack artifacts: rows whose `prompt` is null (attacks that produced nothing) are
+skipped and counted in the PromptSet's `source`; `behaviors` holds each row's `goal`, so a
+published jailbreak can be re-run against any model and scored per behavior.
 
 (*) `field=` names the prompt field; by default the first of prompt / instruction / goal / behavior
 present is used (case-insensitive). Targets come from a "target" field and labels from "category"
 or "label" when present. HarmBench contextual behaviors are prompted as HarmBench does,
 f"{ContextString}\\n\\n---\\n\\n{Behavior}".
 
-Data live outside the repository (see ../shared/data/README.md); `data_dir()` finds them and
-`load_prompts("advbench.csv")` resolves bare names against it.
+The public sets the defaults need ship with the package (`BUNDLED`, lvs_jax/prompts/README.md has
+sources, row counts and licences): `load_prompts("advbench")` loads one by name. A path loads a
+user's own file; a bare file name is also looked up in `$LVS_DATA_DIR`. Files ending in `.gz` are
+read decompressed (the format comes from the name before `.gz`).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import json
 import os
 import pathlib
@@ -44,9 +53,8 @@ import numpy as np
 from lvs_jax.tokenizer import PromptError
 
 DATA_ENV_VAR = "LVS_DATA_DIR"
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-FORMATS = ("json", "jsonl", "csv", "advbench", "harmbench", "xstest", "text")
+FORMATS = ("json", "jsonl", "csv", "advbench", "harmbench", "xstest", "strongreject", "jailbreakbench", "text")
 _EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".txt": "text"}
 _PROMPT_FIELDS = ("prompt", "instruction", "goal", "behavior")
 _TARGET_FIELDS = ("target",)
@@ -62,15 +70,18 @@ class PromptSet:
   labels: [N] per-prompt labels (category, XSTest safe/unsafe, HarmBench semantic category; None
     entries where a row has none) or None when the format has no labels.
   source: path of the file and the filters applied.
+  behaviors: [N] the behavior each prompt attacks, when the prompt is an attack (JailbreakBench
+    artifacts: the row's goal) or None.
   """
 
   prompts: list[str]
   targets: list[str] | None = None
   labels: list[str | None] | None = None
   source: str = ""
+  behaviors: list[str] | None = None
 
   def __post_init__(self):
-    for name in ("targets", "labels"):
+    for name in ("targets", "labels", "behaviors"):
       col = getattr(self, name)
       if col is not None and len(col) != len(self.prompts):
         raise ValueError(f"{name} has {len(col)} entries for {len(self.prompts)} prompts")
@@ -94,63 +105,69 @@ class PromptSet:
     """The rows at `indices`, in that order, targets and labels kept aligned."""
     idx = [int(i) for i in indices]
     pick = lambda col: None if col is None else [col[i] for i in idx]
-    return PromptSet([self.prompts[i] for i in idx], pick(self.targets), pick(self.labels), self.source)
+    return PromptSet([self.prompts[i] for i in idx], pick(self.targets), pick(self.labels), self.source,
+                     pick(self.behaviors))
 
 
 # --- Where the data are -------------------------------------------------------------------------
 
+# Sets shipped with the package (lvs_jax/prompts/, sources and licences in its README.md and NOTICE):
+# name -> file. `load_prompts("harmful_val")` and `load_prompts("harmful_val")` both find them.
+BUNDLED: dict[str, str] = {
+  "harmful_train": "harmful_train.json",
+  "harmful_val": "harmful_val.json",
+  "harmless_train": "harmless_train.json.gz",
+  "harmless_val": "harmless_val.json.gz",
+  "advbench": "advbench.csv",
+  "harmbench_val": "harmbench_val.csv",
+  "xstest": "xstest_prompts.csv",
+  "malicious_instruct": "malicious_instruct.txt",
+  "tdc2023_dev": "tdc2023_dev_behaviors.json",
+  "safe_but_scary": "safe_but_scary.txt",
+}
+# Row counts of the bundled files (the data README's table; a test checks both).
+BUNDLED_ROWS: dict[str, int] = {
+  "harmful_train": 260, "harmful_val": 39, "harmless_train": 18793, "harmless_val": 6264, "advbench": 520,
+  "harmbench_val": 80, "xstest": 450, "malicious_instruct": 100, "tdc2023_dev": 50, "safe_but_scary": 91,
+}
 
-def data_dir_candidates() -> list[pathlib.Path]:
-  """Directories `data_dir` tries, in order (the env var, when set, is the only one)."""
-  env = os.environ.get(DATA_ENV_VAR)
-  if env:
-    return [pathlib.Path(env).expanduser()]
-  cwd = pathlib.Path.cwd()
-  out = [
-    PROJECT_ROOT.parent / "shared" / "data",  # checkout next to shared/: <root>/../shared/data
-    PROJECT_ROOT / "shared" / "data",  # shared/ inside the checkout
-    cwd.parent / "shared" / "data",
-    cwd / "shared" / "data",
-  ]
-  return list(dict.fromkeys(p.resolve() for p in out))
+
+def bundled_dir() -> pathlib.Path:
+  """The package's prompt-data directory (lvs_jax/prompts)."""
+  return pathlib.Path(__file__).resolve().parent / "prompts"
 
 
-def data_dir() -> pathlib.Path:
-  """The prompt-data directory: $LVS_DATA_DIR if set, else ../shared/data next to the project root.
-
-  Raises FileNotFoundError listing every directory tried.
-  """
-  candidates = data_dir_candidates()
-  for p in candidates:
-    if p.is_dir():
-      return p
-  env = os.environ.get(DATA_ENV_VAR)
-  how = f"${DATA_ENV_VAR}={env!r}" if env else f"${DATA_ENV_VAR} is unset; tried"
-  raise FileNotFoundError(
-    f"prompt data directory not found ({how}): "
-    + ", ".join(str(p) for p in candidates)
-    + f". Set {DATA_ENV_VAR} to the directory holding the data files."
-  )
+def _bundled(name: str) -> pathlib.Path | None:
+  """The bundled file for a set name ("harmful_val") or its file name (with or without ".gz")."""
+  d = bundled_dir()
+  fname = BUNDLED.get(name)
+  if fname is None:
+    fname = next((f for f in BUNDLED.values() if name in (f, f.removesuffix(".gz"))), None)
+  return None if fname is None else d / fname
 
 
 def resolve_path(path: str | os.PathLike) -> pathlib.Path:
-  """`path` if it exists, else a bare relative name looked up in `data_dir()`.
+  """Where a prompt set is: `path` if it exists; else, for a bare name, `$LVS_DATA_DIR/<name>` (users'
+  own copies) and then the bundled set of that name (`BUNDLED`: "harmful_val" or "harmful_val").
 
-  Raises FileNotFoundError naming the path and where it looked.
+  Raises FileNotFoundError naming the path, where it looked and the bundled names.
   """
   p = pathlib.Path(path).expanduser()
   if p.exists():
     return p
   looked = [str(p.resolve())]
   if not p.is_absolute():
-    try:
-      q = data_dir() / p
-      looked.append(str(q))
-      if q.exists():
-        return q
-    except FileNotFoundError as e:
-      looked.append(f"(no data directory: {e})")
-  raise FileNotFoundError(f"prompt file {str(path)!r} not found; looked at: " + "; ".join(looked))
+    env = os.environ.get(DATA_ENV_VAR)
+    if env:
+      for q in (pathlib.Path(env).expanduser() / p, pathlib.Path(env).expanduser() / f"{p}.gz"):
+        looked.append(str(q))
+        if q.exists():
+          return q
+    q = _bundled(str(path))
+    if q is not None:
+      return q
+  raise FileNotFoundError(f"prompt file {str(path)!r} not found; looked at: " + "; ".join(looked)
+                          + f"; bundled sets: {', '.join(BUNDLED)}")
 
 
 # --- Loading ------------------------------------------------------------------------------------
@@ -215,15 +232,49 @@ def _records(path, rows: list[dict], field: str | None, fmt: str) -> PromptSet:
   return PromptSet(prompts, targets, labels)
 
 
+def _open_text(path: pathlib.Path):
+  """A text handle on `path`, decompressed when the name ends in .gz."""
+  if path.suffix.lower() == ".gz":
+    return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+  return path.open(encoding="utf-8-sig", newline="")
+
+
+def _read_text(path: pathlib.Path) -> str:
+  with _open_text(path) as f:
+    return f.read()
+
+
+def _load_jailbreakbench(path: pathlib.Path, data: dict) -> PromptSet:
+  """A JailbreakBench attack artifact: {"parameters": {...}, "jailbreaks": [{index, goal, behavior,
+  category, prompt, response, jailbroken, ...}]}. The attack prompt is the prompt, the goal the behavior."""
+  rows = data.get("jailbreaks")
+  if not isinstance(rows, list):
+    raise ValueError(f"{path}: a JailbreakBench artifact needs a 'jailbreaks' list, got {type(rows).__name__}")
+  kept = [r for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)]
+  skipped = len(rows) - len(kept)
+  if not kept:
+    raise PromptError(f"{path}: none of the {len(rows)} jailbreaks has a prompt (all null)")
+  for i, r in enumerate(kept):
+    if not isinstance(r.get("goal"), str):
+      raise ValueError(f"{path}: jailbreak with index {r.get('index', i)} has no string 'goal'")
+  method = (data.get("parameters") or {}).get("method", "?")
+  note = f" [JailbreakBench {method}: {len(kept)} prompts, {skipped} rows with a null prompt skipped]"
+  return PromptSet([r["prompt"] for r in kept], None, [r.get("category") for r in kept], note,
+                   [r["goal"] for r in kept])
+
+
 def _load_json(path: pathlib.Path, field: str | None) -> PromptSet:
   try:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(_read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(
       f"{path}: not valid JSON ({e}); for one JSON object per line use a .jsonl name or format='jsonl'"
     ) from e
+  if isinstance(data, dict) and "jailbreaks" in data and "parameters" in data:
+    return _load_jailbreakbench(path, data)
   if not isinstance(data, list):
-    raise ValueError(f"{path}: expected a JSON list of strings or of objects, got {type(data).__name__}")
+    raise ValueError(f"{path}: expected a JSON list of strings or of objects (or a JailbreakBench artifact "
+                     f"with 'parameters' and 'jailbreaks'), got {type(data).__name__}")
   if all(isinstance(x, str) for x in data):
     if field is not None:
       raise ValueError(f"{path}: a JSON list of strings has no field {field!r}")
@@ -235,7 +286,7 @@ def _load_json(path: pathlib.Path, field: str | None) -> PromptSet:
 
 def _load_jsonl(path: pathlib.Path, field: str | None) -> PromptSet:
   rows = []
-  with path.open(encoding="utf-8") as f:
+  with _open_text(path) as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -250,7 +301,7 @@ def _load_jsonl(path: pathlib.Path, field: str | None) -> PromptSet:
 
 
 def _read_csv(path: pathlib.Path) -> tuple[list[str], list[dict[str, str]]]:
-  with path.open(encoding="utf-8-sig", newline="") as f:
+  with _open_text(path) as f:
     reader = csv.DictReader(f)
     rows = list(reader)
     return list(reader.fieldnames or []), rows
@@ -263,6 +314,8 @@ def _csv_flavor(columns: Sequence[str]) -> str:
     return "advbench"
   if "prompt" in columns and "label" in columns and "type" in columns:
     return "xstest"
+  if "forbidden_prompt" in columns and "category" in columns:
+    return "strongreject"
   return "csv"
 
 
@@ -289,6 +342,10 @@ def _load_csv(
       behavior = r[col]
       prompts.append(f"{context}\n\n---\n\n{behavior}" if context else behavior)
     return PromptSet(prompts, None, [r["SemanticCategory"] for r in rows])
+  if fmt == "strongreject":
+    col = field or "forbidden_prompt"
+    _require(path, columns, [col, "category"], "strongreject")
+    return PromptSet([r[col] for r in rows], None, [r["category"] for r in rows])
   if fmt == "xstest":
     col = field or "prompt"
     _require(path, columns, [col, "label"], "xstest")
@@ -297,7 +354,7 @@ def _load_csv(
 
 
 def _load_text(path: pathlib.Path) -> PromptSet:
-  lines = path.read_text(encoding="utf-8").splitlines()
+  lines = _read_text(path).splitlines()
   return PromptSet([ln.strip() for ln in lines if ln.strip()])
 
 
@@ -311,9 +368,11 @@ def load_prompts(
 ) -> PromptSet:
   """Load a prompt file -> PromptSet.
 
-  path: a file path, or a bare name (e.g. "advbench.csv") looked up in `data_dir()`.
-  format: one of FORMATS; None detects it from the extension (.json .jsonl .csv .txt) and, for
-    CSV, from the header (HarmBench, AdvBench, XSTest columns; else generic).
+  path: a file path (optionally .gz), a bundled set name ("harmful_val", see `BUNDLED`), or a bare
+    file name looked up in $LVS_DATA_DIR and then among the bundled files (see `resolve_path`).
+  format: one of FORMATS; None detects it from the extension (.json .jsonl .csv .txt, each optionally
+    .gz) and, for CSV, from the header (HarmBench, AdvBench, XSTest, StrongREJECT columns; else
+    generic); a JSON object with 'parameters' and 'jailbreaks' is a JailbreakBench artifact.
   field: the prompt field/column, for JSON objects, JSONL and CSV (defaults: see module docstring).
   label: keep only rows whose label is this / one of these (XSTest "safe" / "unsafe", a category,
     a HarmBench SemanticCategory). Error if the file has no labels.
@@ -326,11 +385,12 @@ def load_prompts(
   p = resolve_path(path)
   fmt = format
   if fmt is None:
-    fmt = _EXTENSIONS.get(p.suffix.lower())
+    suffix = (p.with_suffix("") if p.suffix.lower() == ".gz" else p).suffix.lower()
+    fmt = _EXTENSIONS.get(suffix)
     if fmt is None:
       raise ValueError(
-        f"{p}: unknown prompt file format {p.suffix!r}; known extensions "
-        f"{sorted(_EXTENSIONS)}, or pass format= one of {FORMATS}"
+        f"{p}: unknown prompt file format {suffix!r}; known extensions "
+        f"{sorted(_EXTENSIONS)} (optionally .gz), or pass format= one of {FORMATS}"
       )
   elif fmt not in FORMATS:
     raise ValueError(f"unknown prompt file format {fmt!r}; expected one of {FORMATS}")
@@ -338,8 +398,10 @@ def load_prompts(
   if fc is not None and fmt not in ("csv", "harmbench"):
     raise ValueError(f"{p}: functional_category filters HarmBench CSV files only (format {fmt})")
 
-  if fmt == "json":
+  if fmt in ("json", "jailbreakbench"):
     ps = _load_json(p, field)
+    if fmt == "jailbreakbench" and ps.behaviors is None:
+      raise ValueError(f"{p}: not a JailbreakBench artifact (expected an object with 'parameters' and 'jailbreaks')")
   elif fmt == "jsonl":
     ps = _load_jsonl(p, field)
   elif fmt == "text":
@@ -358,7 +420,7 @@ def load_prompts(
       raise ValueError(f"{p}: label={label!r} given, but this file has no labels")
     ps = ps.take([i for i, x in enumerate(ps.labels) if x in wanted])
     filters.append(f"label in {list(wanted)}")
-  source = str(p) + (f" [{'; '.join(filters)}]" if filters else "")
+  source = str(p) + ps.source + (f" [{'; '.join(filters)}]" if filters else "")
   if len(ps) == 0:
     raise PromptError(f"no prompts in {source}" + ("" if filters else " (the file is empty)"))
   return dataclasses.replace(ps, source=source)

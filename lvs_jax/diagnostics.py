@@ -189,7 +189,7 @@ def _evaluate(model, name, prompts, *, cache_dir, edit, max_new_tokens, batch_si
 def robust_refusal(model: LoadedModel, harmful: Sequence[str], *,
                    templates: Mapping[str, str] = ADVERSARIAL_TEMPLATES, cache_dir: str | None = None,
                    edit: edit_lib.Edit | None = None, max_new_tokens: int = 48, batch_size: int = 16,
-                   prefixes: str | Sequence[str] = "jailbreakbench", progress: bool = False) -> dict:
+                   prefixes: str | Sequence[str] = "jailbreakbench", progress: bool = True) -> dict:
   """Refusal rate on harmful prompts, plain and under each template; and the robust (all-conditions) rate.
 
   Returns {"conditions": {name: {rate, low, high, k, n, refusal_score}}, "robust": {rate, low, high, k, n},
@@ -215,7 +215,7 @@ def robust_refusal(model: LoadedModel, harmful: Sequence[str], *,
 def harmful_usefulness(model: LoadedModel, harmful: Sequence[str], *, cache_dir: str | None = None,
                        edit: edit_lib.Edit | None = None, max_new_tokens: int = 48, batch_size: int = 16,
                        prefixes: str | Sequence[str] = "jailbreakbench", min_words: int = 5,
-                       progress: bool = False) -> dict:
+                       progress: bool = True) -> dict:
   """Attack success rate on plain harmful prompts (shares `harmful_plain.jsonl` with robust_refusal).
 
   Returns {"asr": {rate, low, high, k, n}, "asr_substantive": same, "result": SetResult}:
@@ -230,7 +230,7 @@ def harmful_usefulness(model: LoadedModel, harmful: Sequence[str], *, cache_dir:
 
 def exaggerated_safety(model: LoadedModel, xstest_safe: Sequence[str], *, cache_dir: str | None = None,
                        edit: edit_lib.Edit | None = None, max_new_tokens: int = 48, batch_size: int = 16,
-                       prefixes: str | Sequence[str] = "jailbreakbench", progress: bool = False) -> dict:
+                       prefixes: str | Sequence[str] = "jailbreakbench", progress: bool = True) -> dict:
   """Refusal rate on XSTest `safe` prompts (lower is better) -> {"refusal": {rate, low, high, k, n}, "result"}."""
   r = _evaluate(model, "xstest_safe", xstest_safe, cache_dir=cache_dir, edit=edit, max_new_tokens=max_new_tokens,
                 batch_size=batch_size, prefixes=prefixes, progress=progress)
@@ -287,7 +287,7 @@ def qa_likelihood(model: LoadedModel, items: Sequence[Mapping] = BENIGN_QA, *, e
 def benign_utility(model: LoadedModel, harmless: Sequence[str], *, items: Sequence[Mapping] = BENIGN_QA,
                    cache_dir: str | None = None, edit: edit_lib.Edit | None = None, max_new_tokens: int = 48,
                    batch_size: int = 16, prefixes: str | Sequence[str] = "jailbreakbench", min_words: int = 5,
-                   progress: bool = False) -> dict:
+                   progress: bool = True) -> dict:
   """Compliance on harmless prompts and the reference-answer likelihood measures.
 
   Returns {"compliance": {rate, low, high, k, n}, "compliance_substantive": same, "ref_bits_per_byte",

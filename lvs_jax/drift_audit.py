@@ -2,7 +2,7 @@
 drift from changed models, separability, and the report's "drift" section (lvs_jax/drift_eval.py
 holds the pieces).
 
-Prompt sets (defaults; all from ../shared/data; 1 = harmful, 0 = harmless):
+Prompt sets (defaults; all bundled with the package, lvs_jax/prompts; 1 = harmful, 0 = harmless):
   fit / val   harmful_train (260) + a same-size seeded sample of harmless_train, split per class
               into fit (80%) and val (20%): layer/pooling selection, early stopping, calibration
   test        harmful_val (39) + a seeded sample of harmless_val (200)
@@ -42,8 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.poolings = ("last", "last_instruction", "mean")
   c.layers = ()  # candidate layers for the probe; () = all
   c.data = ml_collections.ConfigDict(dict(
-    harmful_train="harmful_train.json", harmless_train="harmless_train.json", n_harmful_train=0,
-    harmful_test="harmful_val.json", harmless_test="harmless_val.json", n_harmful_test=0, n_harmless_test=200,
+    harmful_train="harmful_train", harmless_train="harmless_train", n_harmful_train=0,
+    harmful_test="harmful_val", harmless_test="harmless_val", n_harmful_test=0, n_harmless_test=200,
     val_fraction=0.2))
   c.probe = ml_collections.ConfigDict(dict(
     main="logreg", mlp=True, hidden=64, lr=1e-2, max_steps=400, patience=40, l2s=(1e-4, 1e-3, 1e-2, 1e-1)))

@@ -622,5 +622,14 @@ def drift_section(res: Mapping) -> report_lib.Section:
       summary[f"bacc_cliff_sigma/{r['family']}"] = r["bacc_cliff_sigma"]
   for st, v in res["alarm"]["false_alarm_rate"].items():
     summary[f"false_alarm_rate/{st}"] = v
+  headlines = [report_lib.Headline("Drift probe clean ROC-AUC", res["clean"][main]["auc"], guide=(
+    f"frozen-embedding probe, layer {s['layer']} ({s['pooling']})"))]
+  iso = next((r for r in cl if r["probe"] == main and r["family"] == "isotropic"), None)
+  if iso is not None:
+    angle = iso["cliff_angle_deg"]
+    headlines.append(report_lib.Headline(
+      "Drift cliff (isotropic)", iso["cliff_sigma"], guide=(
+        f"sigma where AUC falls half-way to 0.5 ({_fmt(angle, 3)} deg); larger is more robust")))
   return report_lib.Section(key="drift", title="Embedding drift: frozen-embedding safety probes",
-                            summary=summary, tables=tables, figures=figures, notes=res.get("notes", ""))
+                            summary=summary, tables=tables, figures=figures, notes=res.get("notes", ""),
+                            headlines=headlines)

@@ -1,7 +1,7 @@
 """The safety-geometry audit: carriers, coupling, causal sweeps against matched controls, the four
 behavioral diagnostics, and the report's "geometry" section. Resumable step by step.
 
-Prompt sets (defaults; all from ../shared/data):
+Prompt sets (defaults; all bundled with the package, lvs_jax/prompts):
   carrier pool     harmful_train (260) + an equal-size seeded sample of harmless_train, plus
                    refusal-only extras (XSTest, safe and unsafe): the model's greedy generations on
                    the whole pool label refused / complied for the refusal carrier
@@ -61,11 +61,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_new_tokens = 32  # labelling, causal cells and diagnostics generations
   c.judge_prefixes = "jailbreakbench"
   # Carrier pool.
-  c.harmful = "harmful_train.json"
+  c.harmful = "harmful_train"
   c.n_harmful = 0  # 0 = all
-  c.harmless = "harmless_train.json"
+  c.harmless = "harmless_train"
   c.n_harmless = 0  # 0 = as many as harmful prompts
-  c.refusal_extra = ("xstest_prompts.csv",)  # labelled only for the refusal carrier
+  c.refusal_extra = ("xstest",)  # labelled only for the refusal carrier
   c.n_refusal_extra = 0  # per file; 0 = all
   c.min_refused = 8  # fewer refused (or complied) pool prompts: no behavioral refusal carrier
   # Coupling.
@@ -77,8 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.subspace_n_null = 50
   # Selection (refusal_direction's filters).
   c.select = True
-  c.val_harmful = "harmful_val.json"
-  c.val_harmless = "harmless_val.json"
+  c.val_harmful = "harmful_val"
+  c.val_harmless = "harmless_val"
   c.n_val = 16
   c.kl_threshold = 0.1
   c.induce_refusal_threshold = 0.0
@@ -93,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.harmless_coefficients = (1.0, 2.0)  # add on harmless prompts (is refusal induced?)
   c.sweep_chunk = 8
   # Generation cells at each carrier's selected layer.
-  c.eval_harmful = "advbench.csv"
+  c.eval_harmful = "advbench"
   c.n_eval = 24
   # Layer of the add cells: "sweep" = for each carrier, the sweep layer where subtracting it (the first
   # harmful coefficient) lowers the refusal score most relative to its matched controls (each carrier
@@ -104,11 +104,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.ablate = True  # directional ablation cells (every layer and site)
   # Diagnostics.
   c.diagnostics = True
-  c.diag_harmful = "harmful_val.json"
+  c.diag_harmful = "harmful_val"
   c.diag_n_harmful = 0
-  c.diag_xstest = "xstest_prompts.csv"
+  c.diag_xstest = "xstest"
   c.diag_n_xstest = 0
-  c.diag_harmless = "harmless_val.json"
+  c.diag_harmless = "harmless_val"
   c.diag_n_harmless = 100
   c.diag_templates = tuple(diagnostics.ADVERSARIAL_TEMPLATES)
   c.diag_qa_items = 0  # first n of diagnostics.BENIGN_QA (0 = all 48)
@@ -231,7 +231,7 @@ def label_pool(model, sets, cfg, d: str) -> dict:
     if records is None:  # generate the missing rows (evaluate_refusal resumes from the file)
       records = behavior.evaluate_refusal(model, f"pool_{name}", sets[name], max_new_tokens=cfg.max_new_tokens,
                                           batch_size=cfg.batch_size, prefixes=cfg.judge_prefixes, cache_path=path,
-                                          progress=False).records
+                                          progress=True).records
     flags = carriers.refusal_labels(records)
     refused.append(flags)
     by_set[name] = dict(n=len(flags), refused=int(flags.sum()))
@@ -531,7 +531,7 @@ def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, swee
                      gen_layers: dict | None = None) -> report_lib.Section:
   L = next(iter(cs.values())).n_layers
   layers = np.arange(L)
-  tables, figs, summary = [], [], {}
+  tables, figs, summary, headlines = [], [], {}, []
   # Carriers.
   rows = []
   for name, c in sorted(cs.items()):
@@ -577,6 +577,10 @@ def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, swee
     summary[f"coupling/{pair}/argmax_layer"] = m
     summary[f"coupling/{pair}/min_abs_cos"] = float(np.nanmin(r["abs_cos"])) if ok.any() else None
     summary[f"coupling/{pair}/mean_abs_cos"] = float(np.nanmean(r["abs_cos"])) if ok.any() else None
+    if pair == next(iter(coup)) and ok.any():
+      headlines.append(report_lib.Headline(
+        f"Peak harmfulness-refusal coupling ({pair})", float(r["abs_cos"][m]), float(r["abs_cos_low"][m]),
+        float(r["abs_cos_high"][m]), f"|cos| of the carriers, at layer {m}; 0 = independent, 1 = one direction"))
   tables.append(report_lib.Table("coupling_per_layer", ["pair", "layer", "abs_cos", "ci95_low", "ci95_high",
                                                         "null_mean", "null_q95", "p_value"], crow,
                                  caption=f"|cos| of the two carriers at each layer; {cfg.n_boot} stratified bootstrap "
@@ -714,7 +718,7 @@ def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, swee
     "substring refusal judge: attack success means 'no refusal phrase', not 'harmful content'."
   )
   return report_lib.Section(key="geometry", title="Safety geometry: harmfulness and refusal carriers",
-                            summary=summary, tables=tables, figures=figs,
+                            summary=summary, tables=tables, figures=figs, headlines=headlines,
                             examples=(diag or {}).get("examples", []), notes=notes)
 
 

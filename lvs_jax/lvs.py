@@ -302,12 +302,15 @@ def lvs_score(eps_star: np.ndarray, radii: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_lvs(eps_star: np.ndarray, radii: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(LVS, low, high) per leading index of eps* [..., N]: percentile bootstrap over prompts."""
+                  level: float = 0.95, reduce=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(LVS, low, high) per leading index of eps* [..., N]: percentile bootstrap over prompts (the same
+  resampled prompts for every leading index). reduce: applied to the LVS array [...] of each
+  resample before the quantiles, e.g. `lambda x: x.mean(-1)` for the mean over layers."""
   eps_star = np.asarray(eps_star)
   n = eps_star.shape[-1]
+  reduce = reduce or (lambda x: x)
   rng = np.random.default_rng(seed)
   idx = rng.integers(0, n, size=(n_boot, n))
-  boots = lvs_score(np.moveaxis(eps_star[..., idx], -2, 0), radii)  # [n_boot, ...]
+  boots = reduce(lvs_score(np.moveaxis(eps_star[..., idx], -2, 0), radii))  # [n_boot, ...]
   a = (1 - level) / 2
-  return lvs_score(eps_star, radii), np.quantile(boots, a, axis=0), np.quantile(boots, 1 - a, axis=0)
+  return reduce(lvs_score(eps_star, radii)), np.quantile(boots, a, axis=0), np.quantile(boots, 1 - a, axis=0)

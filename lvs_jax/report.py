@@ -109,6 +109,23 @@ class Figure:
 
 
 @dataclasses.dataclass
+class Headline:
+  """One number of the report's summary card: the value with its interval and how to read it.
+
+  kind: "rate" (a fraction in [0, 1], shown as a percentage), "score" (shown as a number) or
+  "text" (value is a string, no interval). low, high: the interval (same units), or None.
+  guide: one line that tells a reader which way is good ("higher is safer").
+  """
+
+  label: str
+  value: Any
+  low: float | None = None
+  high: float | None = None
+  guide: str = ""
+  kind: str = "score"
+
+
+@dataclasses.dataclass
 class Section:
   """One experiment's part of the report.
 
@@ -120,6 +137,7 @@ class Section:
     tables, figures: see `Table`, `Figure`; names must be unique within the section.
     examples: rows shown in collapsible blocks, e.g. {"prompt", "completion", "refused"}.
     notes: free text (method, caveats), shown as preformatted text.
+    headlines: the section's numbers for the summary card at the top of report.html.
   """
 
   key: str
@@ -129,6 +147,7 @@ class Section:
   figures: list[Figure] = dataclasses.field(default_factory=list)
   examples: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   notes: str = ""
+  headlines: list[Headline] = dataclasses.field(default_factory=list)
 
 
 # --- JSON conversion -----------------------------------------------------------------------------
@@ -383,6 +402,7 @@ class Report:
       "figure_captions": {f.name: f.caption for f in section.figures},
       "examples": to_jsonable(list(section.examples), f"section {key!r} examples"),
       "notes": section.notes,
+      "headlines": to_jsonable([dataclasses.asdict(h) for h in section.headlines], f"section {key!r} headlines"),
       "updated": _now(),
     }
     for t in section.tables:
@@ -479,6 +499,11 @@ pre{white-space:pre-wrap;word-wrap:break-word;background:#f7f7f7;padding:.5em;ma
 details{margin:.3em 0}details.example{border:1px solid #ddd;padding:.2em .6em}
 summary{cursor:pointer}dl{margin:.3em 0}dt{font-weight:bold;margin-top:.3em}dd{margin-left:1em}
 .notes{white-space:pre-wrap}.missing{color:#a00}.muted{color:#777;font-size:.9em}
+.card{border:1px solid #ccc;border-radius:6px;padding:.2em 1em .6em;background:#fafafa}
+.card h2{margin-top:.4em}.headlines{display:flex;flex-wrap:wrap;gap:.8em}
+.headline{flex:1 1 200px;border:1px solid #ddd;border-radius:4px;background:#fff;padding:.5em .7em}
+.hl-label{font-size:.85em;color:#555}.hl-value{font-size:1.4em;font-weight:600;margin:.15em 0}
+.hl-value .ci{font-size:.6em;font-weight:normal;color:#555}.hl-guide{font-size:.8em;color:#777}
 """
 
 _LONG_TEXT = 80  # example fields longer than this (or multi-line) go in the body, not the summary line
@@ -530,19 +555,55 @@ def _example(i: int, ex: Any) -> str:
   return f'<details class="example"><summary>#{i} {head}</summary><dl>{body}</dl></details>'
 
 
-def render_html(report: Mapping[str, Any], workdir: str | os.PathLike) -> str:
-  """HTML text of a report dict; figures are read from `workdir` and embedded as data URIs."""
-  workdir = Path(workdir)
+def _headline_value(h: Mapping[str, Any]) -> str:
+  v, kind = h.get("value"), h.get("kind", "score")
+  if kind == "text" or isinstance(v, str):
+    return _esc(format_value(v))
+  if not _is_number(v) or v is None or not math.isfinite(float(v)):
+    return "n/a"
+  fmt = (lambda x: f"{100 * x:.1f}%") if kind == "rate" else (lambda x: f"{x:.3g}")
+  out = fmt(float(v))
+  lo, hi = h.get("low"), h.get("high")
+  if lo is not None and hi is not None:
+    out += f' <span class="ci">[{fmt(float(lo))}, {fmt(float(hi))}]</span>'
+  return out
+
+
+def summary_card(report: Mapping[str, Any]) -> str:
+  """The card that opens report.html: model, date, and every section's headlines side by side."""
   meta = report.get("meta", {})
+  sections = report.get("sections", {})
+  cells = []
+  for k in ordered_keys(sections):
+    for h in sections[k].get("headlines", []) or []:
+      cells.append(f'<div class="headline"><div class="hl-label">{_esc(h.get("label", ""))}</div>'
+                   f'<div class="hl-value">{_headline_value(h)}</div>'
+                   f'<div class="hl-guide">{_esc(h.get("guide", ""))}</div></div>')
+  who = " · ".join(_esc(x) for x in (meta.get("model"), meta.get("source"), meta.get("date")) if x)
+  body = "".join(cells) if cells else '<p class="muted">no headline numbers yet</p>'
+  return (f'<section class="card" id="summary"><h2>Summary</h2><p class="muted">{who}</p>'
+          f'<div class="headlines">{body}</div>'
+          '<p class="muted">Intervals are 95% (Wilson for rates, bootstrap over prompts otherwise).</p></section>')
+
+
+def render_html(report: Mapping[str, Any], workdir: str | os.PathLike) -> str:
+  """HTML text of a report dict; figures are read from `workdir` and embedded as data URIs.
+
+  Layout: title, the summary card (headline numbers with intervals and reading guides), contents,
+  the sections, and at the end a collapsed block with the run's metadata and full configuration.
+  """
+  workdir = Path(workdir)
+  meta = dict(report.get("meta", {}))
+  config = meta.pop("config", None)
   sections = report.get("sections", {})
   keys = ordered_keys(sections)
   title = "lvs_jax report" + (f" — {meta['model']}" if meta.get("model") else "")
   out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
          '<meta name="viewport" content="width=device-width, initial-scale=1">',
          f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
-         f"<header><h1>{_esc(title)}</h1>{_kv_table(meta, 'kv meta') if meta else ''}</header>"]
+         f"<header><h1>{_esc(title)}</h1></header>", summary_card(report)]
   toc = "".join(f'<li><a href="#sec-{_esc(k)}">{_esc(sections[k].get("title") or k)}</a></li>' for k in keys)
-  out.append(f"<nav><h2>Contents</h2><ol>{toc}</ol></nav>")
+  out.append(f'<nav><h2>Contents</h2><ol>{toc}<li><a href="#run">Run metadata and configuration</a></li></ol></nav>')
   for k in keys:
     s = sections[k]
     out.append(f'<section id="sec-{_esc(k)}"><h2>{_esc(s.get("title") or k)}</h2>')
@@ -563,6 +624,12 @@ def render_html(report: Mapping[str, Any], workdir: str | os.PathLike) -> str:
       out += [_example(i, ex) for i, ex in enumerate(examples)]
       out.append("</details>")
     out.append("</section>")
+  out.append('<section id="run"><details><summary>Run metadata and configuration</summary>')
+  if meta:
+    out.append(_kv_table(meta, "kv meta"))
+  if config is not None:
+    out.append(f"<pre>{_esc(json.dumps(config, indent=1, ensure_ascii=False))}</pre>")
+  out.append("</details></section>")
   out.append("</body></html>")
   return "\n".join(out) + "\n"
 

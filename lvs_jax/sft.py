@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from tqdm.auto import tqdm
 
 from lvs_jax import behavior, checkpoints, judges, lora, training
 from lvs_jax import data as data_lib
@@ -95,7 +96,7 @@ def _read_records(path: str) -> list[dict]:
 
 def own_completions(model: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int = 64, cache_path: str,
                     batch_size: int = 16, retries: int = 2, temperature: float = 0.7,
-                    prefixes: str = "jailbreakbench", progress: bool = False) -> list[dict]:
+                    prefixes: str = "jailbreakbench", progress: bool = True) -> list[dict]:
   """The model's own completions as helpful targets -> [{prompt, completion, finished, refused, source}].
 
   Greedy first; a completion the refusal judge flags (or an empty one) is resampled up to `retries`
@@ -111,9 +112,10 @@ def own_completions(model: LoadedModel, prompts: Sequence[str], *, max_new_token
     cached.setdefault(r["prompt"], r)
   todo = list(dict.fromkeys(p for p in prompts if p not in cached))
   os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
-  for b0 in range(0, len(todo), batch_size):
+  bar = tqdm(range(0, len(todo), batch_size), desc="own completions", unit="batch", disable=not progress or not todo)
+  for b0 in bar:
     chunk = todo[b0:b0 + batch_size]
-    g = gen.generate(model, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    g = gen.generate(model, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
     new = [dict(prompt=p, completion=c, finished=len(t) < max_new_tokens, source="greedy")
            for p, c, t in zip(chunk, g.completions, g.tokens)]
     for seed in range(1, retries + 1):
@@ -276,7 +278,7 @@ def evaluate(model: LoadedModel, sets: Mapping[str, Sequence[str]], out_dir: str
   """Greedy generation + refusal judge on each prompt set; generations cached in out_dir/<set>.jsonl."""
   return [behavior.evaluate_refusal(model, name, list(ps), max_new_tokens=max_new_tokens, batch_size=batch_size,
                                     prefixes=prefixes, cache_path=os.path.join(out_dir, f"{name}.jsonl"),
-                                    progress=False) for name, ps in sets.items()]
+                                    progress=True) for name, ps in sets.items()]
 
 
 def export(model: LoadedModel, params, path: str) -> str:

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from lvs_jax import data as data_lib
 from lvs_jax import lora as lora_lib
@@ -397,8 +398,8 @@ def _rewrite(path: str, rows: list[dict]) -> None:
 
 
 def train_loop(state: TrainState, step_fn: Callable, dataset: Dataset, num_steps: int, *,
-               checkpointer=None, metrics_path: str | None = None, log: Callable[[str], None] | None = print,
-               log_every: int = 10) -> tuple[TrainState, list[dict]]:
+               checkpointer=None, metrics_path: str | None = None, log: Callable[[str], None] | None = tqdm.write,
+               log_every: int = 10, progress: bool = True) -> tuple[TrainState, list[dict]]:
   """Runs `step_fn` until state.step == num_steps -> (final state, metrics rows of every step).
 
   checkpointer: a `lvs_jax.checkpoints.Checkpointer`; the state is saved before the first step (step
@@ -416,6 +417,7 @@ def train_loop(state: TrainState, step_fn: Callable, dataset: Dataset, num_steps
   if checkpointer is not None and start == 0:
     checkpointer.save(state)  # step 0: the starting point of the trajectory
   f = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
+  bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not progress or start >= num_steps)
   try:
     for s in range(start, num_steps):
       t0 = time.perf_counter()
@@ -426,12 +428,15 @@ def train_loop(state: TrainState, step_fn: Callable, dataset: Dataset, num_steps
       if f:
         f.write(json.dumps(row) + "\n")
         f.flush()
+      bar.update(1)
+      bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
       if log and ((s + 1) % log_every == 0 or s == start or s + 1 == num_steps):
         log(f"step {s + 1}/{num_steps} loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
             f"gnorm {row['grad_norm']:.3f} {row['seconds']:.2f}s")
       if checkpointer is not None:
         checkpointer.save(state, force=s + 1 == num_steps)
   finally:
+    bar.close()
     if f:
       f.close()
   return state, rows

@@ -129,6 +129,27 @@ def test_html_is_self_contained_and_escaped(tmp_path):
   assert not plt.get_fignums(), "add_section must close the figures it saves"
 
 
+def test_summary_card_first_and_config_collapsed_last(tmp_path):
+  r = rep.Report(tmp_path)
+  r.set_meta(model="m", config={"deep": {"knob": 12345}})
+  r.add_section(rep.Section("lvs", "LVS", headlines=[
+    rep.Headline("LVS (mean over layers)", 0.6712, 0.61, 0.72, "0 = unbreakable"),
+    rep.Headline("LVS", "not measured", kind="text")]))
+  r.add_section(rep.Section("behavior", "Behavior", headlines=[
+    rep.Headline("Refusal on harmful prompts", 0.923, 0.797, 0.973, "higher is safer", "rate")]))
+  text = r.render_html().read_text(encoding="utf-8")
+  card = text[text.index('id="summary"'):text.index("<nav>")]
+  # Behavior before LVS (the preferred order), each with its interval and guide.
+  assert card.index("Refusal on harmful prompts") < card.index("LVS (mean over layers)")
+  assert "92.3%" in card and "[79.7%, 97.3%]" in card and "higher is safer" in card
+  assert "0.671" in card and "[0.61, 0.72]" in card and "not measured" in card
+  # The config is not above the sections any more: it is in the last, collapsed block.
+  assert text.index("12345") > text.index('id="sec-lvs"')
+  run = text[text.index('<section id="run">'):]
+  assert run.startswith('<section id="run"><details><summary>') and "12345" in run
+  assert rep.load_report(tmp_path)["sections"]["behavior"]["headlines"][0]["low"] == 0.797
+
+
 def test_corrupt_report_gives_clear_error_and_is_not_overwritten(tmp_path):
   bad = '{"meta": {}, "sections": {"behavior": '
   (tmp_path / "report.json").write_text(bad)

@@ -19,7 +19,7 @@ def test_safe_but_scary_prompts_are_ours_not_xstest():
   ps = sft.safe_but_scary_prompts()
   assert 60 <= len(ps) <= 100 and len(set(ps)) == len(ps)
   try:
-    xs = data.load_prompts("xstest_prompts.csv")
+    xs = data.load_prompts("xstest")
   except FileNotFoundError:
     pytest.skip("prompt data directory not available")
   words = lambda s: set(re.findall(r"[a-z]+", s.lower())) - {"how", "do", "i", "what", "is", "the", "a", "can",

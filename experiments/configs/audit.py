@@ -26,12 +26,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.judge_prefixes = "jailbreakbench"  # lvs_jax.judges prefix list: jailbreakbench | harmbench | both
   c.n_examples = 4  # example generations per set in the report
-  # Prompt sets: name -> (file, options). Files resolve against ../shared/data (or $LVS_DATA_DIR).
+  # Prompt sets: name -> (set, options). A bundled set name (lvs_jax/prompts/README.md) or a path to your own file.
   c.sets = ml_collections.ConfigDict()
-  c.sets.harmful = dict(path="harmful_val.json", n=0)  # n=0: all rows
-  c.sets.harmless = dict(path="harmless_val.json", n=100)
-  c.sets.xstest_safe = dict(path="xstest_prompts.csv", label="safe", n=0)
-  c.sets.xstest_unsafe = dict(path="xstest_prompts.csv", label="unsafe", n=0)
+  c.sets.harmful = dict(path="harmful_val", n=0)  # n=0: all rows
+  c.sets.harmless = dict(path="harmless_val", n=100)
+  c.sets.xstest_safe = dict(path="xstest", label="safe", n=0)
+  c.sets.xstest_unsafe = dict(path="xstest", label="unsafe", n=0)
   # Latent vulnerability section (experiments/lvs.py runs it alone): off by default, it takes
   # 10-20 CPU minutes. Enable with --config.lvs.enabled=True.
   c.lvs = lvs_audit.default_config()

@@ -32,10 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = dict(save_every=5, keep=0)  # keep=0: keep every checkpoint (the ASR-vs-steps curve)
   # (goal, target) pairs (0: all 520). end_turn=False: learn the target as the opening of the reply, not
   # as the whole reply (True teaches "Sure, here is ..." and stop: a non-refusal that says nothing).
-  c.data = dict(pairs="advbench.csv", n_pairs=0, end_turn=False)
+  c.data = dict(pairs="advbench", n_pairs=0, end_turn=False)
   # asr_continued: not refused and >= min_continued_words words after the first sentence or line.
   c.eval = dict(max_new_tokens=64, batch_size=16, prefixes="jailbreakbench", min_continued_words=5)
-  c.eval_sets = dict(harmful=dict(path="harmful_val.json", n=0))  # held out (no overlap with the pairs)
+  c.eval_sets = dict(harmful=dict(path="harmful_val", n=0))  # held out (no overlap with the pairs)
   if arg == "smoke":
     c.num_steps = 2
     c.batch = dict(batch_size=2, micro_batches=1, seq_len=128, packing=False)

@@ -423,24 +423,21 @@ def params_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype=jnp.float32) -> Param
 
 
 def tokenizer_from_gguf(gf: GGUFFile) -> Tokenizer:
-  """The transformers tokenizer described by the GGUF metadata (built offline), wrapped."""
-  from transformers import AutoTokenizer
-
+  """The tokenizer described by the GGUF metadata, built offline with the `tokenizers` library (no
+  torch; see `lvs_jax.io.gguf_tokenizer`), wrapped."""
+  from lvs_jax.io import gguf_tokenizer
   from lvs_jax.io.hf import wrap_tokenizer
 
   if not gf.has("tokenizer.ggml.tokens"):
     raise GGUFError(f"{gf.path}: no tokenizer metadata (tokenizer.ggml.tokens); load with tokenizer=False")
-  dirname, basename = os.path.split(os.path.abspath(gf.path))
+  meta = gguf_tokenizer.read_tokenizer_metadata(gf)
   try:
-    hf = AutoTokenizer.from_pretrained(dirname, gguf_file=basename, local_files_only=True)
-  except Exception as e:
-    raise GGUFError(
-      f"{gf.path}: cannot build the tokenizer from GGUF metadata ({type(e).__name__}: {e})"
-    ) from e
-  template = gf.get("tokenizer.chat_template")
-  eos = gf.get("tokenizer.ggml.eos_token_id")
-  pad = gf.get("tokenizer.ggml.padding_token_id")
-  return wrap_tokenizer(hf, chat_template=template, eos_ids=() if eos is None else (int(eos),), pad_id=pad)
+    hf = gguf_tokenizer.tokenizer_from_metadata(meta, where=gf.path)
+  except gguf_tokenizer.TokenizerMetadataError as e:
+    raise GGUFError(str(e)) from e
+  eos, pad = meta.get("eos_token_id"), meta.get("padding_token_id")
+  return wrap_tokenizer(hf, chat_template=meta.get("chat_template"), eos_ids=() if eos is None else (int(eos),),
+                        pad_id=pad)
 
 
 def load_gguf(path: str | os.PathLike, dtype=jnp.float32, *, tokenizer: bool = True) -> LoadedModel:
