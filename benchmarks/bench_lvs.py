@@ -28,8 +28,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from lvs_jax import data, judges, lvs, sweeps  # noqa: E402
+from lvs_jax.evals import judges  # noqa: E402
+from lvs_jax.io import datasets as data  # noqa: E402
 from lvs_jax.io import registry  # noqa: E402
+from lvs_jax.lvs import attack as lvs  # noqa: E402
+from lvs_jax.lvs import sweeps  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct", "Named model or path.")

@@ -21,8 +21,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from lvs_jax import generate as gen  # noqa: E402
-from lvs_jax import model as model_lib  # noqa: E402
+from lvs_jax.core import generate as gen  # noqa: E402
+from lvs_jax.core import model as model_lib  # noqa: E402
 from lvs_jax.io import registry  # noqa: E402
 
 FLAGS = flags.FLAGS

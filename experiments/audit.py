@@ -10,7 +10,7 @@ import os
 
 from absl import app, logging
 
-from lvs_jax import cli
+from lvs_jax.core import cli
 
 cli.define_flags("Audit config file.")
 
@@ -19,8 +19,12 @@ def main(argv):
   cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
-  from lvs_jax import behavior, data, drift_audit, geometry_audit, lvs_audit
+  from lvs_jax.drift import audit as drift_audit
+  from lvs_jax.evals import behavior
+  from lvs_jax.geometry import audit as geometry_audit
+  from lvs_jax.io import datasets as data
   from lvs_jax.io import registry
+  from lvs_jax.lvs import audit as lvs_audit
 
   # Load every prompt set first: a bad path fails before the model loads.
   sets = {}

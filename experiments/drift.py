@@ -10,7 +10,7 @@ added to its report. Re-running reuses the cached embeddings.
 
 from absl import app, logging
 
-from lvs_jax import cli
+from lvs_jax.core import cli
 
 cli.define_flags("Drift config file.")
 
@@ -19,7 +19,7 @@ def main(argv):
   cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
-  from lvs_jax import drift_audit
+  from lvs_jax.drift import audit as drift_audit
   from lvs_jax.io import registry
 
   drift_audit.prompt_sets(cfg)  # a bad path or an empty set fails before the model loads

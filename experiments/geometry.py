@@ -10,7 +10,7 @@ workdir/report.{json,html} with its CSV tables and PNG figures; re-running resum
 
 from absl import app, logging
 
-from lvs_jax import cli
+from lvs_jax.core import cli
 
 cli.define_flags("Geometry config file.")
 
@@ -19,7 +19,7 @@ def main(argv):
   cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
-  from lvs_jax import geometry_audit
+  from lvs_jax.geometry import audit as geometry_audit
   from lvs_jax.io import registry
 
   geometry_audit.prompt_sets(cfg)  # a bad path or an empty set fails before the model loads

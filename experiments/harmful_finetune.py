@@ -12,7 +12,7 @@ import os
 
 from absl import app, logging
 
-from lvs_jax import cli
+from lvs_jax.core import cli
 
 cli.define_flags("Training config file.")
 
@@ -21,8 +21,11 @@ def main(argv):
   cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
-  from lvs_jax import behavior, checkpoints, data, sft, training
-  from lvs_jax.io import registry
+  from lvs_jax.evals import behavior
+  from lvs_jax.io import checkpoints, registry
+  from lvs_jax.io import datasets as data
+  from lvs_jax.training import core as training
+  from lvs_jax.training import recipes as sft
 
   log = lambda m: (logging.info(m), print(m, flush=True))  # noqa: E731
 

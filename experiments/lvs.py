@@ -8,7 +8,7 @@ summary.json) and the "lvs" section of workdir/report.{json,html}; re-running re
 
 from absl import app
 
-from lvs_jax import cli
+from lvs_jax.core import cli
 
 cli.define_flags("LVS config file.")
 
@@ -17,8 +17,8 @@ def main(argv):
   cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
-  from lvs_jax import lvs_audit
   from lvs_jax.io import registry
+  from lvs_jax.lvs import audit as lvs_audit
 
   prompts, targets = lvs_audit.load_targets(cfg)
   model = registry.load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))

@@ -14,7 +14,7 @@ import os
 
 from absl import app, logging
 
-from lvs_jax import cli
+from lvs_jax.core import cli
 
 cli.define_flags("Training config file.")
 
@@ -23,8 +23,9 @@ def main(argv):
   cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
-  from lvs_jax import data, sft
+  from lvs_jax.io import datasets as data
   from lvs_jax.io import registry
+  from lvs_jax.training import recipes as sft
 
   log = lambda m: (logging.info(m), print(m, flush=True))  # noqa: E731
 
@@ -86,10 +87,11 @@ def main(argv):
     "Safety SFT (aligned anchor)", run.rows, evals, examples=examples_shown,
     summary={**{f"target_met/{k}": v for k, v in met.items()}, "export": export or None,
              "n_examples": len(examples), **{f"examples/{k}": v for k, v in counts.items()}},
-    notes=f"{cfg.mode} fine-tuning of {cfg.model} on refusals (templates in lvs_jax.sft.REFUSALS) for harmful "
-    "prompts and the model's own greedy completions (sampled retries when the judge flagged them) for harmless "
-    "and safe-but-scary prompts; loss on completion tokens only. 'base' = before, 'final' = after, evaluated on "
-    f"held-out sets with {e.max_new_tokens} new tokens, greedy. Seconds per step: median after the first step.")
+    notes=f"{cfg.mode} fine-tuning of {cfg.model} on refusals (templates in lvs_jax.training.recipes.REFUSALS) "
+    "for harmful prompts and the model's own greedy completions (sampled retries when the judge flagged them) for "
+    "harmless and safe-but-scary prompts; loss on completion tokens only. 'base' = before, 'final' = after, "
+    f"evaluated on held-out sets with {e.max_new_tokens} new tokens, greedy. "
+    "Seconds per step: median after the first step.")
   cli.write_section(workdir, section, model=cfg.model, source=model.source, dtype=cfg.dtype, config=cfg.to_dict())
 
 

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvs_jax import model as model_lib
-from lvs_jax.config import ModelConfig
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.config import ModelConfig
 
 TINY = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
             rope_theta=10000.0, max_position=256)

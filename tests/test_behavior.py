@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from lvs_jax import behavior
+from lvs_jax.evals import behavior
 
 
 def test_wilson_interval_known_values():

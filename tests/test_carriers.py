@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvs_jax import activations, carriers, causal, coupling
-from lvs_jax import edit as edit_lib
-from lvs_jax import model as model_lib
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.evals import activations
+from lvs_jax.geometry import carriers, causal, coupling
 from tests import helpers
 
 # ----------------------------------------------------------------------------- chat templates
@@ -290,7 +291,7 @@ def test_carriers_save_and_load_roundtrip(tmp_path):
 
 
 def test_one_pass_collection_and_streamed_carrier_match_activations_collect():
-  from lvs_jax.tokenizer import LoadedModel
+  from lvs_jax.core.tokenizer import LoadedModel
 
   tok = _tiny_tokenizer("smollm2")
   cfg, params = helpers.tiny("llama", vocab_size=len(tok.hf), max_position=512)

@@ -15,7 +15,9 @@ import optax
 import pytest
 from helpers import tiny
 
-from lvs_jax import checkpoints, lora, training
+from lvs_jax.io import checkpoints
+from lvs_jax.training import core as training
+from lvs_jax.training import lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(ROOT, "tests", "train_child.py")

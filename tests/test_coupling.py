@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvs_jax import carriers, causal, coupling, sweeps
-from lvs_jax import edit as edit_lib
-from lvs_jax import model as model_lib
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.geometry import carriers, causal, coupling
+from lvs_jax.lvs import sweeps
 from tests import helpers
 
 IDS = jnp.array([5, 7])

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from lvs_jax import data
-from lvs_jax.tokenizer import PromptError
+from lvs_jax.core.tokenizer import PromptError
+from lvs_jax.io import datasets as data
 
 # (bundled name, load_prompts kwargs, rows, has targets)
 BUNDLED = [

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvs_jax import behavior, diagnostics
-from lvs_jax import model as model_lib
-from lvs_jax.tokenizer import LoadedModel
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.tokenizer import LoadedModel
+from lvs_jax.evals import behavior
+from lvs_jax.geometry import diagnostics
 from tests import helpers
 from tests.test_carriers import _tiny_tokenizer
 

@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvs_jax import drift, drift_alarm, drift_eval, metrics, probes
+from lvs_jax.drift import alarm as drift_alarm
+from lvs_jax.drift import families as drift
+from lvs_jax.drift import metrics, probes
+from lvs_jax.drift import study as drift_eval
 
 D = 576
 apply = jax.jit(drift.apply_drift)  # sigma traced: one compilation per family and shape

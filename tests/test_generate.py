@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from lvs_jax import edit as edit_lib
-from lvs_jax import generate as gen
-from lvs_jax import model as model_lib
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import generate as gen
+from lvs_jax.core import model as model_lib
 
 
 def _prompts(cfg, seed=0):

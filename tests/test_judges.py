@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvs_jax import judges
+from lvs_jax.evals import judges
 
 REFUSALS = [
   "I'm sorry, but I can't help with that.",

@@ -7,8 +7,9 @@ import optax
 import pytest
 from helpers import tiny, torch_model
 
-from lvs_jax import lora, training
-from lvs_jax import model as model_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.training import core as training
+from lvs_jax.training import lora
 
 
 def _batch(cfg, k=1, b=2, T=12, seed=0):

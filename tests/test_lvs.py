@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from lvs_jax import edit as edit_lib
-from lvs_jax import lvs, sweeps
-from lvs_jax import model as model_lib
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.lvs import attack as lvs
+from lvs_jax.lvs import sweeps
 
 IDS = jnp.array([5, 7])
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, silhouette_score
 
-from lvs_jax import metrics
+from lvs_jax.drift import metrics
 
 
 @pytest.mark.parametrize("n,decimals", [(7, 0), (200, 1), (1000, 2), (3001, 8)])

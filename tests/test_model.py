@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import tiny, torch_model
 
-from lvs_jax import edit as edit_lib
-from lvs_jax import model as model_lib
-from lvs_jax.config import ModelConfig, RopeScaling
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.config import ModelConfig, RopeScaling
 
 ARCHS = ["llama", "mistral", "qwen2"]
 

@@ -7,7 +7,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from lvs_jax import embeddings, metrics, probes
+from lvs_jax.drift import embeddings, metrics, probes
 
 CFG = probes.ProbeConfig(max_steps=150, patience=30)
 

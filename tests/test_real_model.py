@@ -44,7 +44,7 @@ def _batch(ours, prompts):
 def test_logits_parity_on_chat_prompts(models):
   import torch
 
-  from lvs_jax import model as model_lib
+  from lvs_jax.core import model as model_lib
 
   ours, theirs = models
   for p in PROMPTS:  # one at a time: no padding, the exact transformers computation
@@ -57,7 +57,7 @@ def test_logits_parity_on_chat_prompts(models):
 
 
 def test_batched_left_padded_logits_match_single(models):
-  from lvs_jax import model as model_lib
+  from lvs_jax.core import model as model_lib
 
   ours, _ = models
   toks, mask = _batch(ours, PROMPTS)
@@ -72,7 +72,7 @@ def test_batched_left_padded_logits_match_single(models):
 def test_greedy_generation_matches_transformers_token_for_token(models):
   import torch
 
-  from lvs_jax import generate as gen
+  from lvs_jax.core import generate as gen
 
   ours, theirs = models
   g = gen.generate(ours, PROMPTS, max_new_tokens=32, batch_size=3)
@@ -104,8 +104,8 @@ def test_chat_template_matches_transformers(models):
 
 
 def test_bad_prompts_fail_with_one_clear_error(models):
-  from lvs_jax import generate as gen
-  from lvs_jax.tokenizer import PromptError
+  from lvs_jax.core import generate as gen
+  from lvs_jax.core.tokenizer import PromptError
 
   ours, _ = models
   with pytest.raises(PromptError, match="empty prompt set"):

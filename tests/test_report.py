@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from lvs_jax import report as rep
+from lvs_jax.report import store as rep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,7 +57,7 @@ def test_replacing_a_section_keeps_the_others(tmp_path):
 
 def test_concurrent_writers_do_not_drop_sections(tmp_path):
   # Four processes each add five sections to one workdir at the same time; the lock keeps them all.
-  code = ("import sys; from lvs_jax import report as rep; r = rep.Report(sys.argv[1])\n"
+  code = ("import sys; from lvs_jax.report import store as rep; r = rep.Report(sys.argv[1])\n"
           "for i in range(5): r.add_section(rep.Section(f'p{sys.argv[2]}_{i}', 't', summary={'i': i}))")
   procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(p)]) for p in range(4)]
   assert [p.wait(timeout=120) for p in procs] == [0] * 4

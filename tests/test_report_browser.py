@@ -12,8 +12,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from lvs_jax import behavior
-from lvs_jax import report as report_lib
+from lvs_jax.evals import behavior
+from lvs_jax.report import store as report_lib
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -4,7 +4,9 @@ import re
 
 import pytest
 
-from lvs_jax import data, judges, sft
+from lvs_jax.evals import judges
+from lvs_jax.io import datasets as data
+from lvs_jax.training import recipes as sft
 
 
 def test_every_refusal_template_is_judged_a_refusal_and_choice_is_deterministic():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from lvs_jax import model as model_lib
-from lvs_jax import sharding
-from lvs_jax.config import ModelConfig
+from lvs_jax.core import model as model_lib
+from lvs_jax.core import sharding
+from lvs_jax.core.config import ModelConfig
 
 
 @pytest.mark.parametrize("rules", [sharding.REPLICATED, sharding.FSDP, sharding.TENSOR])

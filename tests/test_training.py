@@ -9,8 +9,9 @@ import optax
 import pytest
 from helpers import tiny
 
-from lvs_jax import lora, training
-from lvs_jax import model as model_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.training import core as training
+from lvs_jax.training import lora
 
 
 @dataclasses.dataclass
@@ -23,7 +24,7 @@ class _Hf:
 
 @dataclasses.dataclass
 class FakeTokenizer:
-  """Character-level stand-in for lvs_jax.tokenizer.Tokenizer (ids 5..94), end-of-turn id 2."""
+  """Character-level stand-in for lvs_jax.core.tokenizer.Tokenizer (ids 5..94), end-of-turn id 2."""
 
   chat_template: str = "<|im_start|>...<|im_end|>"
   eos_ids: tuple = (2,)

@@ -12,8 +12,8 @@ import sys
 import jax
 import pytest
 
-from lvs_jax import model as model_lib
-from lvs_jax.config import ModelConfig
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = (
@@ -117,8 +117,9 @@ def test_harmful_finetune_smoke_writes_asr_trajectory_and_resumes(tmp_path, tiny
   # The run's checkpoints are real-drift sources for the drift audit ("ckpt:<dir>@<step>").
   import numpy as np
 
-  from lvs_jax import drift_audit, sft
+  from lvs_jax.drift import audit as drift_audit
   from lvs_jax.io import registry
+  from lvs_jax.training import recipes as sft
 
   base = registry.load_model(tiny_chat_model)
   ckdir = str(wd / "checkpoints")

@@ -19,9 +19,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import TINY  # noqa: E402
 
-from lvs_jax import checkpoints, lora, training  # noqa: E402
-from lvs_jax import model as model_lib  # noqa: E402
-from lvs_jax.config import ModelConfig  # noqa: E402
+from lvs_jax.core import model as model_lib  # noqa: E402
+from lvs_jax.core.config import ModelConfig  # noqa: E402
+from lvs_jax.io import checkpoints  # noqa: E402
+from lvs_jax.training import core as training  # noqa: E402
+from lvs_jax.training import lora  # noqa: E402
 
 
 def _die():

@@ -14,7 +14,9 @@ With the embedding-drift section: --config.drift.enabled=True
 
 import ml_collections
 
-from lvs_jax import drift_audit, geometry_audit, lvs_audit
+from lvs_jax.drift import audit as drift_audit
+from lvs_jax.geometry import audit as geometry_audit
+from lvs_jax.lvs import audit as lvs_audit
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -24,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_new_tokens = 64
   c.batch_size = 16
   c.seed = 0
-  c.judge_prefixes = "jailbreakbench"  # lvs_jax.judges prefix list: jailbreakbench | harmbench | both
+  c.judge_prefixes = "jailbreakbench"  # lvs_jax.evals.judges prefix list: jailbreakbench | harmbench | both
   c.n_examples = 4  # example generations per set in the report
   # Prompt sets: name -> (set, options). A bundled set name (lvs_jax/prompts/README.md) or a path to your own file.
   c.sets = ml_collections.ConfigDict()

@@ -14,7 +14,7 @@ Overrides: --config.sweep.convention=coord --config.probe.main=mlp
   --config.real.sources='("perturb:0.1","smollm2-135m-aligned")' (any checkpoint with the same tokenizer)
 """
 
-from lvs_jax import drift_audit
+from lvs_jax.drift import audit as drift_audit
 
 
 def get_config(arg: str | None = None):

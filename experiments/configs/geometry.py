@@ -8,7 +8,7 @@ On the safety-tuned anchor:
 Smoke run (tests): --config=experiments/configs/geometry.py:smoke
 """
 
-from lvs_jax import geometry_audit
+from lvs_jax.geometry import audit as geometry_audit
 
 
 def get_config(arg: str | None = None):

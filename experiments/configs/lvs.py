@@ -11,7 +11,7 @@ every layer's LVS sits at the grid's ceiling; a finer grid separates the layers 
 Smoke run (tests): --config=experiments/configs/lvs.py:smoke
 """
 
-from lvs_jax import lvs_audit
+from lvs_jax.lvs import audit as lvs_audit
 
 
 def get_config(arg: str | None = None):

@@ -25,9 +25,9 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from lvs_jax.config import ConfigError, ModelConfig, RopeScaling
-from lvs_jax.model import LayerParams, Params, check_params
-from lvs_jax.tokenizer import LoadedModel, Tokenizer
+from lvs_jax.core.config import ConfigError, ModelConfig, RopeScaling
+from lvs_jax.core.model import LayerParams, Params, check_params
+from lvs_jax.core.tokenizer import LoadedModel, Tokenizer
 
 Q = gguf.GGMLQuantizationType
 

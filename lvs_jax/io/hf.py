@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvs_jax.config import ModelConfig, load_hf_config
-from lvs_jax.model import LayerParams, Params, check_params
-from lvs_jax.tokenizer import LoadedModel, Tokenizer
+from lvs_jax.core.config import ModelConfig, load_hf_config
+from lvs_jax.core.model import LayerParams, Params, check_params
+from lvs_jax.core.tokenizer import LoadedModel, Tokenizer
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -7,7 +7,7 @@ Inputs are per-prompt activations over one prompt pool, with a label per prompt 
   xb [L, N, D], lb [N]   the same for carrier B (e.g. t_post_inst, refused=+1 complied=-1)
 
 Label +1 / -1 marks the positive / negative group, 0 a prompt the carrier does not use. Carrier =
-mean(+1) - mean(-1) per layer (`lvs_jax.carriers`), computed here as a weighted sum W @ X in
+mean(+1) - mean(-1) per layer (`lvs_jax.geometry.carriers`), computed here as a weighted sum W @ X in
 float64 so that thousands of resampled carriers cost one matrix product per chunk.
 
 Bootstrap: prompts are resampled with replacement *within each stratum of (la, lb)*, so both

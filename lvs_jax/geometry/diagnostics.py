@@ -15,7 +15,7 @@ shared by two diagnostics (plain harmful prompts) is generated once. Every funct
 optional `edit`, applied at every prompt and generated position, so the same diagnostics measure a
 model under a carrier intervention.
 
-Judging is the substring refusal judge (`lvs_jax.judges`, JailbreakBench phrases by default), so
+Judging is the substring refusal judge (`lvs_jax.evals.judges`, JailbreakBench phrases by default), so
 "answered" means "no stock refusal phrase", not "harmful content produced"; see `judges` for its
 biases. `substantive` additionally requires >= `min_words` words of 2+ letters, which drops empty,
 emoji-only and one-word-loop completions that a 135M model produces under heavy interventions.
@@ -50,10 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvs_jax import behavior, sweeps
-from lvs_jax import edit as edit_lib
-from lvs_jax import model as model_lib
-from lvs_jax.tokenizer import LoadedModel
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.tokenizer import LoadedModel
+from lvs_jax.evals import behavior
+from lvs_jax.lvs import sweeps
 
 # ----------------------------------------------------------------------------- adversarial templates
 

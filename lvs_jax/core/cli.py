@@ -1,7 +1,7 @@
 """What every experiment main shares: the --config / --workdir / --distributed flags, start-up, and
 writing a section into the workdir's report.
 
-  from lvs_jax import cli
+  from lvs_jax.core import cli
   cli.define_flags("LVS config file.")
 
   def main(argv):
@@ -44,7 +44,7 @@ def quiet_third_party_logs() -> None:
   log, keeping ours and every warning; `--verbosity=1` (or higher) keeps everything."""
   if flags.FLAGS.verbosity >= 1:
     return
-  here = os.path.dirname(os.path.abspath(__file__))
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the lvs_jax package
   roots = (here, os.path.join(os.path.dirname(here), "experiments"), os.path.abspath(sys.argv[0]))
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _OwnLogsOnly) for f in handler.filters):
@@ -71,7 +71,7 @@ def write_section(workdir: str, section, verbose: bool = True, **meta) -> None:
   report.html and (verbose) prints the summary of every section."""
   import jax
 
-  from lvs_jax import report as report_lib
+  from lvs_jax.report import store as report_lib
 
   rep = report_lib.Report(workdir)
   rep.set_meta(backend=jax.default_backend(), **meta)

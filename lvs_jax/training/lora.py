@@ -2,13 +2,13 @@
 
 A LoRA adapter of a weight W (any of the seven linear maps of a block, `MODULES`) is a pair
   a: [L, I, r]   b: [L, r, O]        W' = W + (alpha / r) * (a @ b), reshaped to W's shape,
-where I is the product of W's input axes and O of its output axes (`lvs_jax.model` stores weights
+where I is the product of W's input axes and O of its output axes (`lvs_jax.core.model` stores weights
 `x @ w`, inputs first: wq [L, D, H, Dh] has I = D, O = H*Dh; wo [L, H, Dh, D] has I = H*Dh, O = D).
 Like the weights, the adapters are stacked on the leading layer axis L.
 
 `apply(base, lora) -> Params` forms the adapted weights explicitly. It is called inside the jitted
 loss (the extra cost is one [I, r] @ [r, O] product per module and layer, small next to the forward
-pass), so the forward pass is the unmodified `lvs_jax.model` code and merging for export is the
+pass), so the forward pass is the unmodified `lvs_jax.core.model` code and merging for export is the
 same function: `merge = apply`. With b = 0 (the initialization, as in the paper and PEFT) every
 delta is exactly zero and `apply` returns W + 0 = W bit for bit.
 
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from lvs_jax.config import ModelConfig
-from lvs_jax.model import Params, abstract_params
+from lvs_jax.core.config import ModelConfig
+from lvs_jax.core.model import Params, abstract_params
 
 # Module name -> (LayerParams field, number of input axes after L).
 MODULES: dict[str, tuple[str, int]] = {

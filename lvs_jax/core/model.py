@@ -8,7 +8,7 @@ Axis names (defined once, used in every docstring of lvs_jax):
   Dh head_dim                     V  vocabulary
 
 Weights are a pytree (`Params`) whose per-layer weights are stacked on a leading L axis and run
-with `jax.lax.scan`; an `Edit` (see `lvs_jax.edit`) is scanned together with them. Everything
+with `jax.lax.scan`; an `Edit` (see `lvs_jax.core.edit`) is scanned together with them. Everything
 here is a pure function of arrays, so it jits, vmaps (over edits, prompts) and differentiates.
 
 Sequence convention: prompts are left-padded into a buffer of S slots; `attention_mask[b, s]` is 1
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvs_jax import edit as edit_lib
-from lvs_jax.config import ModelConfig
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core.config import ModelConfig
 
 
 @jax.tree_util.register_dataclass

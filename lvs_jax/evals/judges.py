@@ -304,7 +304,7 @@ def refusal_token_ids(tokenizer, starts: Sequence[str] = REFUSAL_STARTS) -> list
   """First token id of each refusal opening, deduplicated in order -> R ids.
 
   tokenizer: anything with `.encode(text) -> list[int]` that adds no special tokens
-    (`lvs_jax.tokenizer.Tokenizer`). The openings are encoded without a leading space, as the first
+    (`lvs_jax.core.tokenizer.Tokenizer`). The openings are encoded without a leading space, as the first
     token of an assistant turn is in byte-level BPE chat templates (Llama-3, SmolLM2, Qwen2).
     SentencePiece tokenizers (Llama-2, Mistral) add their word-start marker themselves ("▁I"),
     which is again the token the model emits first. Where an opening word is split into several

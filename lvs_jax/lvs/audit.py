@@ -21,8 +21,10 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from lvs_jax import behavior, judges, lvs, sweeps
-from lvs_jax import report as report_lib
+from lvs_jax.evals import behavior, judges
+from lvs_jax.lvs import attack as lvs
+from lvs_jax.lvs import sweeps
+from lvs_jax.report import store as report_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -73,7 +75,7 @@ def make_smoke(c: ml_collections.ConfigDict) -> None:
 
 def load_targets(cfg):
   """(prompts, targets) for the attacked set: the file's targets (AdvBench) or cfg.target for all."""
-  from lvs_jax import data
+  from lvs_jax.io import datasets as data
 
   ps = data.load_prompts(cfg.prompts)
   if cfg.n_prompts:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lvs_jax import metrics
+from lvs_jax.drift import metrics
 
 KINDS = ("logreg", "mlp")
 
@@ -223,7 +223,7 @@ def augment_isotropic(key: jax.Array, x: jax.Array, y: jax.Array, sigma: float, 
                       convention: str = "norm") -> tuple[jax.Array, jax.Array]:
   """Drift-aware training data: x [N, D] plus `copies` isotropically drifted copies at `sigma`
   (`drift.isotropic`) -> (x' [(copies + 1) N, D], y' [(copies + 1) N])."""
-  from lvs_jax import drift
+  from lvs_jax.drift import families as drift
 
   keys = jax.random.split(key, copies)
   noisy = jax.vmap(lambda k: drift.isotropic(k, x, sigma, convention))(keys)

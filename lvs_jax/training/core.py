@@ -16,10 +16,10 @@ Pieces, each a plain function of arrays or of plain Python data:
                            gradient accumulation over the batch's leading micro-batch axis; LoRA or
                            full fine-tuning decided by the type of `state.params`; optional bfloat16
                            compute with float32 master weights.
-  train_loop               steps + per-step JSONL metrics + checkpoints (`lvs_jax.checkpoints`), resuming
+  train_loop               steps + per-step JSONL metrics + checkpoints (`lvs_jax.io.checkpoints`), resuming
                            from the last committed checkpoint.
 
-Axis names as in `lvs_jax.model`; plus k = micro-batches per step, b = rows per micro-batch.
+Axis names as in `lvs_jax.core.model`; plus k = micro-batches per step, b = rows per micro-batch.
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lvs_jax import data as data_lib
-from lvs_jax import lora as lora_lib
-from lvs_jax import model as model_lib
-from lvs_jax.config import ModelConfig
-from lvs_jax.tokenizer import PromptError, Tokenizer
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.config import ModelConfig
+from lvs_jax.core.tokenizer import PromptError, Tokenizer
+from lvs_jax.io import datasets as data_lib
+from lvs_jax.training import lora as lora_lib
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
@@ -153,7 +153,7 @@ def pack_rows(rows: Sequence[Sequence[Tokenized]], seq_len: int, pad_id: int) ->
 class Dataset:
   """Batches of tokenized examples whose order is a pure function of (seed, step).
 
-  Every epoch visits each example once in the order of a seeded permutation (`lvs_jax.data`'s
+  Every epoch visits each example once in the order of a seeded permutation (`lvs_jax.io.datasets`'s
   platform-independent hash permutation, seeded by (seed, epoch)). Without packing, step s takes
   examples [s*N, (s+1)*N) of that endless stream (N = micro_batches * batch_size rows, one example
   each). With packing, each epoch's stream is cut greedily into rows of at most seq_len tokens and
@@ -244,7 +244,7 @@ def forward_train(params: model_lib.Params, tokens: jax.Array, segment_ids: jax.
                   cfg: ModelConfig, *, remat: bool = True) -> jax.Array:
   """Logits [B, T, V] (float32) of a right-padded or packed batch: causal attention within each segment.
 
-  tokens, segment_ids, positions: [B, T]. The model pieces are those of `lvs_jax.model.forward`; on a
+  tokens, segment_ids, positions: [B, T]. The model pieces are those of `lvs_jax.core.model.forward`; on a
   row with one example (segment 1, then padding) the logits equal `forward(params, tokens, cfg,
   attention_mask=segment_ids > 0)` at the real tokens.
   """
@@ -402,7 +402,7 @@ def train_loop(state: TrainState, step_fn: Callable, dataset: Dataset, num_steps
                log_every: int = 10, progress: bool = True) -> tuple[TrainState, list[dict]]:
   """Runs `step_fn` until state.step == num_steps -> (final state, metrics rows of every step).
 
-  checkpointer: a `lvs_jax.checkpoints.Checkpointer`; the state is saved before the first step (step
+  checkpointer: a `lvs_jax.io.checkpoints.Checkpointer`; the state is saved before the first step (step
   0), at its interval and at the last step. Resuming is the caller's `checkpointer.restore_latest`
   before calling this; rows of `metrics_path` after the restored step (written by a run that died
   before its next checkpoint) are dropped, so the file holds each step once. Each row: step

@@ -1,11 +1,11 @@
 """Drift studies: sweeps of a probe over drift magnitude, the cliff, the alarm's power, re-anchoring,
 and the report's "drift" section. The loops behind `experiments/drift.py`, over the kernels in
-`lvs_jax.drift`, `lvs_jax.drift_alarm`, `lvs_jax.probes` and `lvs_jax.metrics`.
+`lvs_jax.drift.families`, `lvs_jax.drift.alarm`, `lvs_jax.drift.probes` and `lvs_jax.drift.metrics`.
 
-Conventions: embeddings are unit-normalized rows; sigma is the norm convention of `lvs_jax.drift`
+Conventions: embeddings are unit-normalized rows; sigma is the norm convention of `lvs_jax.drift.families`
 (sigma = 0.02 turns a vector by ~1.15 degrees); every curve is also given against the measured mean
 angle in degrees, so conventions cannot confuse readers. A "repeat" redraws the drift (noise,
-direction, subspace) from a new key. Families: those of `lvs_jax.drift` plus "subspace_pca", the
+direction, subspace) from a new key. Families: those of `lvs_jax.drift.families` plus "subspace_pca", the
 subspace rotation confined to the span of the data's top-k principal directions (where a random
 k-subspace of a 576-dimensional space barely touches what the probe uses, this one does).
 
@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lvs_jax import drift, drift_alarm, metrics, probes
-from lvs_jax import report as report_lib
+from lvs_jax.drift import alarm as drift_alarm
+from lvs_jax.drift import families as drift
+from lvs_jax.drift import metrics, probes
+from lvs_jax.report import store as report_lib
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "confidence", "silent_failure_rate", "silent_share", "ece",
            "error_confidence")

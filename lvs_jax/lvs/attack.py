@@ -26,7 +26,7 @@ over layers (sequential `lax.map`, so layers below l are really skipped) and vma
 
 **Success** is decided by behavior, not by the loss: greedy generation under the found delta (the
 same delta at the same prompt positions; generated tokens unperturbed) judged *not a refusal* by
-the substring judge (`lvs_jax.judges`). We also record whether the completion begins with the
+the substring judge (`lvs_jax.evals.judges`). We also record whether the completion begins with the
 target, a stricter criterion.
 
 **LVS.** For prompt i and layer l, eps*_il is the smallest radius on the grid at which the attack
@@ -58,11 +58,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lvs_jax import edit as edit_lib
-from lvs_jax import generate as gen
-from lvs_jax import judges, sweeps
-from lvs_jax import model as model_lib
-from lvs_jax.config import ModelConfig
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import generate as gen
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.config import ModelConfig
+from lvs_jax.evals import judges
+from lvs_jax.lvs import sweeps
 
 NORMS = ("l2", "linf")
 SCOPES = ("token", "sequence")

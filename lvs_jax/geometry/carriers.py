@@ -8,13 +8,13 @@ terminology; Arditi et al. 2024 call the refusal one the "refusal direction"):
                 before the chat template's post-instruction tokens (Zhao et al. 2025: harmfulness
                 is encoded where the instruction ends, refusal where the answer starts)
   refusal       mean(refused) - mean(complied) at t_post_inst, the last prompt token, with the
-                labels from the model's own greedy generations judged by `lvs_jax.judges`
+                labels from the model's own greedy generations judged by `lvs_jax.evals.judges`
   refusal_hh    mean(harmful) - mean(harmless) at t_post_inst (Arditi et al.'s refusal direction,
                 kept for comparison: it mixes harmfulness and refusal)
 
-Shapes: activations [L, N, D] (as `lvs_jax.activations.collect` returns them), carriers [L, D].
+Shapes: activations [L, N, D] (as `lvs_jax.evals.activations.collect` returns them), carriers [L, D].
 Site: `resid_pre` by default, the residual stream *entering* block l, so carrier l is exactly what
-the sweep kernels (`lvs_jax.sweeps`, `lvs_jax.causal`) add at layer l. Means are accumulated in
+the sweep kernels (`lvs_jax.lvs.sweeps`, `lvs_jax.geometry.causal`) add at layer l. Means are accumulated in
 float64 (chunked sums: `MeanAccumulator`), stored as float32.
 
 Selection (`select_layer`, optional) follows refusal_direction's `select_direction`
@@ -44,15 +44,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvs_jax import activations, causal, judges
-from lvs_jax import model as model_lib
-from lvs_jax.tokenizer import LoadedModel
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.tokenizer import LoadedModel
+from lvs_jax.evals import activations, judges
+from lvs_jax.geometry import causal
 
 HARMFULNESS = "harmfulness"
 REFUSAL = "refusal"
 REFUSAL_HH = "refusal_hh"
 
-# Which token each carrier is read at (lvs_jax.activations pooling names).
+# Which token each carrier is read at (lvs_jax.evals.activations pooling names).
 POOLING = {HARMFULNESS: "last_instruction", REFUSAL: "last", REFUSAL_HH: "last"}
 
 
@@ -111,7 +112,7 @@ class Carrier:
 
   vectors: [L, D] float32, mean(pos) - mean(neg) in activation units (unnormalized).
   pooling: the token it is read at ("last_instruction" = t_inst, "last" = t_post_inst).
-  site: residual-stream site (`lvs_jax.edit.SITES`); carrier l is read at layer l of it.
+  site: residual-stream site (`lvs_jax.core.edit.SITES`); carrier l is read at layer l of it.
   n_pos, n_neg: prompts in each group. meta: free JSON-able metadata (prompt sets, judge, selection).
   """
 
@@ -383,7 +384,7 @@ def ablation_edit(carrier: Carrier | np.ndarray, *, layer: int | None = None, pe
   (refusal_direction's directional ablation). per_layer=True: at each layer l its own carrier l.
   layers: restrict to these layers (default all). positions: [B|1, S] 0/1 slot mask (default all).
   """
-  from lvs_jax import edit as edit_lib
+  from lvs_jax.core import edit as edit_lib
 
   vecs = carrier.vectors if isinstance(carrier, Carrier) else np.asarray(carrier)
   n_layers = vecs.shape[0]

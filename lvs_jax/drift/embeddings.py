@@ -1,7 +1,7 @@
 """Frozen embeddings for probes: pooled residual-stream activations of a loaded model, or any
 external [N, D] array with labels.
 
-`embed(model, prompts, ...)` is `lvs_jax.activations.collect` (batched, jitted; pooling "last" |
+`embed(model, prompts, ...)` is `lvs_jax.evals.activations.collect` (batched, jitted; pooling "last" |
 "last_instruction" | "mean", chat template on or off, any site and layers) with an optional .npz
 cache keyed by the prompts and settings, so re-running an experiment on the same workdir does not
 recompute. `load_array(path)` reads embeddings produced elsewhere (any frozen encoder), so the
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lvs_jax import activations
+from lvs_jax.evals import activations
 
 
 def cache_key(prompts: Sequence[str], **settings) -> str:

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lvs_jax import edit as edit_lib
-from lvs_jax import model as model_lib
-from lvs_jax.tokenizer import PromptError, Tokenizer
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.tokenizer import PromptError, Tokenizer
 
 POOLINGS = ("last", "last_instruction", "mean")
 

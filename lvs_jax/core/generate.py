@@ -6,7 +6,7 @@ end-of-sequence token (or after N tokens). Greedy when temperature == 0, otherwi
 nucleus (top-p) sampling. `generate` is the convenience layer: chat formatting, batching into
 fixed shapes (few compilations), decoding back to text.
 
-Edits (see `lvs_jax.edit`) act on cache slots: an edit whose slot axis has size 1 applies at every
+Edits (see `lvs_jax.core.edit`) act on cache slots: an edit whose slot axis has size 1 applies at every
 prompt and generated position; one with a slot axis of size T + N says where exactly.
 """
 
@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lvs_jax import edit as edit_lib
-from lvs_jax import model as model_lib
-from lvs_jax.config import ModelConfig
-from lvs_jax.tokenizer import LoadedModel, PromptError
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.config import ModelConfig
+from lvs_jax.core.tokenizer import LoadedModel, PromptError
 
 
 def sample_logits(

@@ -2,7 +2,7 @@
 
 Mesh axes: "data" (prompts, sweep cells: the natural data-parallel axis; also FSDP for weights)
 and "model" (tensor parallel over heads and MLP hidden). Every weight's logical axes are declared
-once in `lvs_jax.model.LOGICAL_AXES`; a rules table here says where each goes:
+once in `lvs_jax.core.model.LOGICAL_AXES`; a rules table here says where each goes:
 
   REPLICATED  every weight on every device (small models; the default on one device)
   FSDP        weights sharded along d_model ("embed") over "data" (7B-class models)
@@ -18,8 +18,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lvs_jax import model as model_lib
-from lvs_jax.config import ModelConfig
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.config import ModelConfig
 
 REPLICATED: dict[str, str | None] = {}
 FSDP = {"embed": "data"}

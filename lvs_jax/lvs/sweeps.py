@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvs_jax import judges
-from lvs_jax import model as model_lib
-from lvs_jax.config import ModelConfig
-from lvs_jax.tokenizer import PromptError, Tokenizer
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.config import ModelConfig
+from lvs_jax.core.tokenizer import PromptError, Tokenizer
+from lvs_jax.evals import judges
 
 
 @jax.tree_util.register_dataclass

@@ -42,10 +42,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lvs_jax import behavior, carriers, causal, coupling, data, diagnostics, judges
-from lvs_jax import edit as edit_lib
-from lvs_jax import generate as gen
-from lvs_jax import report as report_lib
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import generate as gen
+from lvs_jax.evals import behavior, judges
+from lvs_jax.geometry import carriers, causal, coupling, diagnostics
+from lvs_jax.io import datasets as data
+from lvs_jax.report import store as report_lib
 
 CARRIER_NAMES = (carriers.HARMFULNESS, carriers.REFUSAL, carriers.REFUSAL_HH)
 
@@ -697,7 +699,8 @@ def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, swee
     tables.append(report_lib.Table("diagnostics", ["diagnostic", "measure", "value", "ci95_low", "ci95_high", "n",
                                                    "goal"], diag["rows"],
                                    caption="Greedy generations judged by refusal substrings; 95% Wilson intervals. "
-                                   "qa_*: likelihood of fixed reference answers (lvs_jax.diagnostics.BENIGN_QA)."))
+                                   "qa_*: likelihood of fixed reference answers "
+                                   "(lvs_jax.geometry.diagnostics.BENIGN_QA)."))
     for r in diag["rows"]:
       summary[f"diag/{r[1]}"] = r[2]
     rates = [r for r in diag["rows"] if r[3] is not None]

@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lvs_jax import edit as edit_lib
-from lvs_jax import generate as gen
-from lvs_jax import judges
-from lvs_jax import model as model_lib
-from lvs_jax import report as report_lib
-from lvs_jax.tokenizer import LoadedModel, PromptError
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import generate as gen
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.tokenizer import LoadedModel, PromptError
+from lvs_jax.evals import judges
+from lvs_jax.report import store as report_lib
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -208,6 +208,6 @@ def behavior_section(results: Sequence[SetResult], n_examples: int = 4) -> repor
     figures=[report_lib.Figure("refusal_rates", fig, "Refusal rate with 95% Wilson intervals")],
     examples=examples, headlines=headlines,
     notes="Refusal is judged by case-insensitive substring match against refusal prefixes "
-    "(lvs_jax.judges); such judges over-count refusals that merely mention e.g. 'I cannot', and miss "
+    "(lvs_jax.evals.judges); such judges over-count refusals that merely mention e.g. 'I cannot', and miss "
     "refusals phrased otherwise. Every generation is in tables/ and generations/*.jsonl.",
   )

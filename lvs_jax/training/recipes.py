@@ -35,11 +35,14 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from lvs_jax import behavior, checkpoints, judges, lora, training
-from lvs_jax import data as data_lib
-from lvs_jax import generate as gen
-from lvs_jax import report as report_lib
-from lvs_jax.tokenizer import LoadedModel
+from lvs_jax.core import generate as gen
+from lvs_jax.core.tokenizer import LoadedModel
+from lvs_jax.evals import behavior, judges
+from lvs_jax.io import checkpoints
+from lvs_jax.io import datasets as data_lib
+from lvs_jax.report import store as report_lib
+from lvs_jax.training import core as training
+from lvs_jax.training import lora
 
 # Every template is judged a refusal by the JailbreakBench phrase list (tested).
 REFUSALS: tuple[str, ...] = (

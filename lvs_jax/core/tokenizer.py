@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lvs_jax.config import ModelConfig
+from lvs_jax.core.config import ModelConfig
 
 
 class PromptError(ValueError):
@@ -95,7 +95,7 @@ class LoadedModel:
   """What the loaders return: config, weights, tokenizer, and where they came from."""
 
   cfg: ModelConfig
-  params: Any  # lvs_jax.model.Params
+  params: Any  # lvs_jax.core.model.Params
   tokenizer: Tokenizer
   source: str = ""
   name: str = ""

@@ -50,7 +50,7 @@ from typing import TypeVar, overload
 
 import numpy as np
 
-from lvs_jax.tokenizer import PromptError
+from lvs_jax.core.tokenizer import PromptError
 
 DATA_ENV_VAR = "LVS_DATA_DIR"
 
@@ -134,7 +134,7 @@ BUNDLED_ROWS: dict[str, int] = {
 
 def bundled_dir() -> pathlib.Path:
   """The package's prompt-data directory (lvs_jax/prompts)."""
-  return pathlib.Path(__file__).resolve().parent / "prompts"
+  return pathlib.Path(__file__).resolve().parent.parent / "prompts"
 
 
 def _bundled(name: str) -> pathlib.Path | None:

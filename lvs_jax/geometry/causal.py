@@ -7,7 +7,7 @@ Two compiled kernels, each one jitted function for a whole grid (one trace per b
                    vectors are per-layer and **unnormalized**: coefficient units are the vector's own
                    norm, so c = 1 adds the raw diff-in-means carrier (refusal_direction's
                    activation addition) and c = -1 subtracts it. Reuses the clean prefix like
-                   `lvs_jax.sweeps.sweep` (layers < l run once).
+                   `lvs_jax.lvs.sweeps.sweep` (layers < l run once).
   ablation_sweep   for each direction d, projects d out of every layer and site (the
                    refusal-direction "directional ablation") and evaluates the same metrics.
 
@@ -33,11 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvs_jax import edit as edit_lib
-from lvs_jax import judges, sweeps
-from lvs_jax import model as model_lib
-from lvs_jax.config import ModelConfig
-from lvs_jax.tokenizer import LoadedModel
+from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import model as model_lib
+from lvs_jax.core.config import ModelConfig
+from lvs_jax.core.tokenizer import LoadedModel
+from lvs_jax.evals import judges
+from lvs_jax.lvs import sweeps
 
 
 def matched_controls(key: jax.Array, vectors: jax.Array | np.ndarray, n: int) -> np.ndarray:

@@ -27,8 +27,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lvs_jax import data, drift, drift_eval, embeddings, metrics, probes
-from lvs_jax import report as report_lib
+from lvs_jax.drift import embeddings, metrics, probes
+from lvs_jax.drift import families as drift
+from lvs_jax.drift import study as drift_eval
+from lvs_jax.io import datasets as data
+from lvs_jax.report import store as report_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -144,7 +147,8 @@ def changed_model(model, source: str, seed: int):
     params = drift.perturb_weights(jax.random.fold_in(jax.random.key(seed), int(rho * 1e6)), model.params, rho)
     return dataclasses.replace(model, params=params, name=f"{model.name}+{source}@seed{seed}"), rho
   if source.startswith("ckpt:"):
-    from lvs_jax import checkpoints, sft
+    from lvs_jax.io import checkpoints
+    from lvs_jax.training import recipes as sft
 
     path, sep, step = source[len("ckpt:"):].rpartition("@")
     if not sep or not step.isdigit():
