@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
+from lvs_jax.report import charts
 from lvs_jax.report import store as rep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -103,7 +104,7 @@ def test_json_is_strict_and_nonfinite_become_null(tmp_path):
 def test_html_is_self_contained_and_escaped(tmp_path):
   r = rep.Report(tmp_path)
   r.set_meta(model="tiny <b>model</b>", source="hub")
-  fig = rep.bar_chart(["harmful", "harmless"], [0.9, 0.1], errors=[[0.05, 0.02], [0.04, 0.06]],
+  fig = charts.bar_chart(["harmful", "harmless"], [0.9, 0.1], errors=[[0.05, 0.02], [0.04, 0.06]],
                       title="refusal")
   # Added in reverse of the preferred order: the HTML must still show behavior, lvs, then others.
   r.add_section(rep.Section("zzz_custom", "Custom", summary={"x": 1}))
@@ -167,10 +168,10 @@ def test_corrupt_report_gives_clear_error_and_is_not_overwritten(tmp_path):
 
 def test_plots_write_png_files(tmp_path):
   figs = [
-    rep.Figure("bar", rep.bar_chart(list("abcdefg"), np.linspace(0, 1, 7), errors=np.full(7, 0.05))),
-    rep.Figure("line", rep.line_chart([0.1, 1, 10], {"a": [1, 2, 3], "b": [3, float("nan"), 1]},
+    rep.Figure("bar", charts.bar_chart(list("abcdefg"), np.linspace(0, 1, 7), errors=np.full(7, 0.05))),
+    rep.Figure("line", charts.line_chart([0.1, 1, 10], {"a": [1, 2, 3], "b": [3, float("nan"), 1]},
                                       errors={"a": [0.1, 0.2, 0.1]}, xlabel="eps", ylabel="rate", logx=True)),
-    rep.Figure("heat", rep.heatmap(np.arange(12.0).reshape(3, 4), list("wxyz"), ["l0", "l1", "l2"],
+    rep.Figure("heat", charts.heatmap(np.arange(12.0).reshape(3, 4), list("wxyz"), ["l0", "l1", "l2"],
                                    title="sweep", cbar_label="refusal")),
   ]
   rec = rep.Report(tmp_path).add_section(rep.Section("geometry", "G", figures=figs))

@@ -35,6 +35,7 @@ import numpy as np
 from lvs_jax.drift import alarm as drift_alarm
 from lvs_jax.drift import families as drift
 from lvs_jax.drift import metrics, probes
+from lvs_jax.report import charts
 from lvs_jax.report import store as report_lib
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "confidence", "silent_failure_rate", "silent_share", "ece",
@@ -532,7 +533,7 @@ def drift_section(res: Mapping) -> report_lib.Section:
                                  [[p] + list(r) for p, r in zip(sel["poolings"], sel["val_auc"])],
                                  caption="Validation ROC-AUC of a logistic probe per layer and pooling "
                                  "(validation split carved from the training prompts)."))
-  figures.append(report_lib.Figure("layer_selection", report_lib.heatmap(
+  figures.append(report_lib.Figure("layer_selection", charts.heatmap(
     np.asarray(sel["val_auc"], float), [str(i) for i in sel["layers"]], sel["poolings"],
     title="Validation ROC-AUC by layer and pooling", cbar_label="ROC-AUC", annotate=False),
     "Probe validation ROC-AUC per (pooling, layer); the best cell is used below."))

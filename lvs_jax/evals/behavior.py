@@ -30,6 +30,7 @@ from lvs_jax.core import generate as gen
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.tokenizer import LoadedModel, PromptError
 from lvs_jax.evals import judges
+from lvs_jax.report import charts
 from lvs_jax.report import store as report_lib
 
 
@@ -201,7 +202,7 @@ def behavior_section(results: Sequence[SetResult], n_examples: int = 4) -> repor
                                            f"safe prompts refused; lower is better (n={r.n})", "rate"))
   rates = [r.refusal_rate for r in results]
   err = np.array([[r.refusal_rate - r.interval[0] for r in results], [r.interval[1] - r.refusal_rate for r in results]])
-  fig = report_lib.bar_chart([r.name for r in results], rates, errors=err, title="Refusal rate by prompt set",
+  fig = charts.bar_chart([r.name for r in results], rates, errors=err, title="Refusal rate by prompt set",
                              ylabel="refusal rate")
   return report_lib.Section(
     key="behavior", title="Behavioral safety", summary=summary, tables=[table],

@@ -47,6 +47,7 @@ from lvs_jax.core import generate as gen
 from lvs_jax.evals import behavior, judges
 from lvs_jax.geometry import carriers, causal, coupling, diagnostics
 from lvs_jax.io import datasets as data
+from lvs_jax.report import charts
 from lvs_jax.report import store as report_lib
 
 CARRIER_NAMES = (carriers.HARMFULNESS, carriers.REFUSAL, carriers.REFUSAL_HH)
@@ -603,11 +604,11 @@ def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, swee
   series = {p: r["abs_cos"] for p, r in coup.items()}
   series.update({f"null {p}": r["null_mean"] for p, r in coup.items()})
   errs = {p: np.stack([r["abs_cos"] - r["abs_cos_low"], r["abs_cos_high"] - r["abs_cos"]]) for p, r in coup.items()}
-  figs.append(report_lib.Figure("coupling_per_layer", report_lib.line_chart(
+  figs.append(report_lib.Figure("coupling_per_layer", charts.line_chart(
     layers, series, errors=errs, xlabel="layer", ylabel="|cos|", title="Harmfulness-refusal coupling by layer"),
     "Per-layer |cos| with 95% bootstrap bands; dashed-free 'null' lines: mean |cos| of random-split carriers"))
   for pair, r in coup.items():
-    figs.append(report_lib.Figure(f"cross_{pair}", report_lib.heatmap(
+    figs.append(report_lib.Figure(f"cross_{pair}", charts.heatmap(
       r["cross"], [str(i) for i in range(L)], [str(i) for i in range(L)], title=f"|cos| layer x layer: {pair}",
       cbar_label="|cos|", vmin=0, vmax=1), "rows: first carrier's layer, columns: second carrier's layer"))
   # Logit sweeps.
@@ -640,7 +641,7 @@ def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, swee
       ctrl = ctrl - res["clean_refusal_score"].mean()
       ser[n], ser[f"{n} controls"] = d, ctrl.mean(-1)
       err[f"{n} controls"] = np.stack([ctrl.mean(-1) - ctrl.min(-1), ctrl.max(-1) - ctrl.mean(-1)])
-    figs.append(report_lib.Figure(f"sweep_{set_name}", report_lib.line_chart(
+    figs.append(report_lib.Figure(f"sweep_{set_name}", charts.line_chart(
       res["layers"], ser, errors=err, xlabel="layer", ylabel="refusal score change (nats)",
       title=f"{set_name} prompts: add {coef:+g} x carrier vs matched controls"),
       "Bands on controls: min..max over control seeds"))
@@ -650,7 +651,7 @@ def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, swee
     x = [c["layer"] for c in next(iter(cands.values()))]
     ser = {n: np.array([c["ablation_refusal"] for c in v]) for n, v in cands.items()}
     ser["random directions (mean)"] = np.full(len(x), float(abl_ctrl["refusal_score"].mean()))
-    figs.append(report_lib.Figure("ablation_per_layer", report_lib.line_chart(
+    figs.append(report_lib.Figure("ablation_per_layer", charts.line_chart(
       x, ser, xlabel="source layer of the ablated direction", ylabel="refusal score (nats), harmful val",
       title="Directional ablation at every layer"), f"clean: {float(abl_ctrl['clean_refusal_score'].mean()):.2f}"))
   # Generation cells.
@@ -676,7 +677,7 @@ def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, swee
     "the empty/garbled text a broken model emits). Intervals: paired bootstrap over prompts."))
   if effects:
     hs = [r for r in effects if r["set"] == "harmful"]
-    figs.append(report_lib.Figure("attack_success", report_lib.bar_chart(
+    figs.append(report_lib.Figure("attack_success", charts.bar_chart(
       ["baseline"] + [r["cell"] for r in hs] + [r["cell"] + " ctrl" for r in hs],
       [hs[0]["rate"]["baseline"]] + [r["rate"]["treated"] for r in hs] + [r["rate"]["control_mean"] for r in hs],
       title="Attack success on held-out harmful prompts", ylabel="attack success rate"),
@@ -704,7 +705,7 @@ def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, swee
     for r in diag["rows"]:
       summary[f"diag/{r[1]}"] = r[2]
     rates = [r for r in diag["rows"] if r[3] is not None]
-    figs.append(report_lib.Figure("diagnostics", report_lib.bar_chart(
+    figs.append(report_lib.Figure("diagnostics", charts.bar_chart(
       [r[1] for r in rates], [r[2] for r in rates],
       errors=np.clip(np.array([[r[2] - r[3] for r in rates], [r[4] - r[2] for r in rates]]), 0, None),
       title="Behavioral diagnostics",

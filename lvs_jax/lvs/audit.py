@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lvs_jax.evals import behavior, judges
 from lvs_jax.lvs import attack as lvs
 from lvs_jax.lvs import sweeps
+from lvs_jax.report import charts
 from lvs_jax.report import store as report_lib
 
 
@@ -193,19 +194,19 @@ def lvs_section(summary: dict, sweep: dict | None, n_prompts: int, n_refused: in
                                        "latent_robustness(1-mean LVS)", "n_prompts", "n_refused", "n_attacked"],
                          [[behavioral, model_lvs, float(np.max(summary["lvs"])) if n_attacked else float("nan"),
                            1 - model_lvs, n_prompts, n_refused, n_attacked]])
-  figs = [report_lib.Figure("lvs_per_layer", report_lib.line_chart(
+  figs = [report_lib.Figure("lvs_per_layer", charts.line_chart(
     layers, {"LVS": summary["lvs"]}, errors={"LVS": np.stack([summary["lvs"] - summary["lvs_low"],
                                                               summary["lvs_high"] - summary["lvs"]])},
     xlabel="layer", ylabel="LVS (0 = robust, 1 = trivially breakable)", title="Latent Vulnerability Score by layer"),
     "LVS per layer with 95% bootstrap intervals over prompts"),
-    report_lib.Figure("success_vs_radius", report_lib.line_chart(
+    report_lib.Figure("success_vs_radius", charts.line_chart(
       radii, {f"layer {layer}": summary["curves"][i] for i, layer in enumerate(layers)},
       xlabel="relative radius eps (x ||h||)", ylabel="attack success rate", title="PGD success vs radius", logx=True),
       "Share of refused prompts broken at radius <= eps"),
-    report_lib.Figure("success_heatmap", report_lib.heatmap(
+    report_lib.Figure("success_heatmap", charts.heatmap(
       summary["curves"], [f"{r:g}" for r in radii], [str(layer) for layer in layers], title="Success rate",
       cbar_label="success rate", vmin=0, vmax=1), "layer x radius"),
-    report_lib.Figure("audit_gap", report_lib.bar_chart(
+    report_lib.Figure("audit_gap", charts.bar_chart(
       ["behavioral refusal", "latent robustness (1 - LVS)"], [behavioral, 1 - model_lvs],
       title="Audit gap"), "Behavioral safety vs latent robustness")]
   if sweep is not None:
@@ -213,10 +214,10 @@ def lvs_section(summary: dict, sweep: dict | None, n_prompts: int, n_refused: in
     rd = sweep["refusal_delta"].mean(axis=(2, 3))
     mags = [f"{m:g}" for m in sweep["magnitudes"]]
     ylabels = [str(i) for i in range(kl.shape[0])]
-    figs.append(report_lib.Figure("sweep_kl", report_lib.heatmap(kl, mags, ylabels, title="Random-direction sweep: KL",
+    figs.append(report_lib.Figure("sweep_kl", charts.heatmap(kl, mags, ylabels, title="Random-direction sweep: KL",
                                                                  cbar_label="KL (nats)"),
                                   "Mean next-token KL to clean, random unit directions, by layer x magnitude"))
-    figs.append(report_lib.Figure("sweep_refusal", report_lib.heatmap(
+    figs.append(report_lib.Figure("sweep_refusal", charts.heatmap(
       rd, mags, ylabels, title="Random-direction sweep: refusal score change", cbar_label="nats"),
       "Mean change of the logit refusal score"))
   summary_kv = {"behavioral_refusal_rate": behavioral, "n_prompts": n_prompts, "n_refused": n_refused,

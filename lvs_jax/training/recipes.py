@@ -40,6 +40,7 @@ from lvs_jax.core.tokenizer import LoadedModel
 from lvs_jax.evals import behavior, judges
 from lvs_jax.io import checkpoints
 from lvs_jax.io import datasets as data_lib
+from lvs_jax.report import charts
 from lvs_jax.report import store as report_lib
 from lvs_jax.training import core as training
 from lvs_jax.training import lora
@@ -322,7 +323,7 @@ def training_section(title: str, rows: Sequence[Mapping[str, Any]], evals: Mappi
     cols = ["step", "loss", "accuracy", "grad_norm", "lr", "tokens", "seconds"]
     tables.append(report_lib.Table("metrics", cols, [[r.get(c) for c in cols] for r in rows],
                                    caption="Per-step training metrics (loss: mean NLL per completion token, nats)."))
-    figures.append(report_lib.Figure("loss", report_lib.line_chart(
+    figures.append(report_lib.Figure("loss", charts.line_chart(
       [r["step"] for r in rows], {"loss": [r["loss"] for r in rows]}, xlabel="step", ylabel="loss (nats/token)",
       title=title), "Training loss on completion tokens"))
   ev_rows = []
@@ -333,7 +334,7 @@ def training_section(title: str, rows: Sequence[Mapping[str, Any]], evals: Mappi
       summ[f"{label}/refusal_rate/{r.name}"] = r.refusal_rate
   if ev_rows:
     err = np.array([[r[4] - r[6] for r in ev_rows], [r[7] - r[4] for r in ev_rows]])
-    figures.append(report_lib.Figure("refusal_rates", report_lib.bar_chart(
+    figures.append(report_lib.Figure("refusal_rates", charts.bar_chart(
       [f"{r[1]}/{r[0]}" for r in ev_rows], [r[4] for r in ev_rows], errors=err, title=f"{title}: refusal rate",
       ylabel="refusal rate", ylim=(0, 1)), "Refusal rate per held-out set and model (95% Wilson intervals)"))
     tables.append(report_lib.Table(
@@ -352,7 +353,7 @@ def training_section(title: str, rows: Sequence[Mapping[str, Any]], evals: Mappi
       if k in ys and f"ci95_low{sfx}" in cols:
         errs[k] = np.array([[r[k] - r[f"ci95_low{sfx}"] for r in trajectory],
                             [r[f"ci95_high{sfx}"] - r[k] for r in trajectory]])
-    figures.append(report_lib.Figure("trajectory", report_lib.line_chart(
+    figures.append(report_lib.Figure("trajectory", charts.line_chart(
       [r["step"] for r in trajectory], ys, errors=errs, xlabel="step", title=f"{title}: per checkpoint"),
       "Per-checkpoint metrics (shaded: 95% Wilson interval)"))
   return report_lib.Section(key="training", title=title, summary=summ, tables=tables, figures=figures,

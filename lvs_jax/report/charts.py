@@ -1,0 +1,129 @@
+"""Plot helpers for report sections: `bar_chart`, `line_chart`, `heatmap`.
+
+Each returns a matplotlib Figure drawn with the Agg backend (no display needed); pass it to
+`store.Figure(...)` and `store.Report.add_section` saves it as PNG and closes it. Non-finite values
+are drawn as gaps (lines), "n/a" labels (bars) or blank cells (heatmaps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.figure as mpl_figure  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _yerr(errors: Any, n: int) -> np.ndarray | None:
+  """Error bars as matplotlib wants them: [N] symmetric or [2, N] (below, above) half-widths."""
+  if errors is None:
+    return None
+  e = np.asarray(errors, dtype=float)
+  if e.shape not in ((n,), (2, n)):
+    raise ValueError(f"errors must have shape [{n}] or [2, {n}] (below, above), got {e.shape}")
+  return e
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], errors: Any = None, title: str = "",
+              ylabel: str = "", ylim: tuple[float, float] | None = (0.0, 1.0)) -> mpl_figure.Figure:
+  """Bars with optional error bars; values annotated on the bars.
+
+  Args:
+    labels, values: [N].
+    errors: None, [N] symmetric half-widths, or [2, N] (below, above) half-widths (e.g. a Wilson
+      interval as (rate - lo, hi - rate)); in the units of `values`.
+    ylim: y range; the default suits rates in [0, 1]; None autoscales.
+  """
+  values = np.asarray(values, dtype=float)
+  n = len(labels)
+  if values.shape != (n,):
+    raise ValueError(f"values must have shape [{n}], got {values.shape}")
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n + 2.0), 3.6))
+  bars = ax.bar(np.arange(n), values, yerr=_yerr(errors, n), capsize=3, color="C0")
+  ax.bar_label(bars, labels=[f"{v:.3g}" if math.isfinite(v) else "n/a" for v in values], padding=2,
+               fontsize=8)
+  # Rotate when the labels would not fit side by side (about 9 characters per bar at this width).
+  tilt = n > 5 or max(len(str(x)) for x in labels) > 9
+  ax.set_xticks(np.arange(n), [str(x) for x in labels], rotation=30 if tilt else 0, ha="right" if tilt else "center")
+  if ylim is not None:
+    ax.set_ylim(*ylim)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
+def line_chart(x: Sequence[float], series: Mapping[str, Sequence[float]],
+               errors: Mapping[str, Any] | None = None, xlabel: str = "", ylabel: str = "", title: str = "",
+               logx: bool = False) -> mpl_figure.Figure:
+  """One line per series over a shared x, with optional shaded error bands.
+
+  Args:
+    x: [N].
+    series: {name: y [N]}.
+    errors: {name: [N] symmetric or [2, N] (below, above) half-widths}; series without an entry get
+      no band.
+    logx: log-scale x axis (e.g. for perturbation magnitudes).
+  """
+  x = np.asarray(x, dtype=float)
+  n = len(x)
+  fig, ax = plt.subplots(figsize=(6.0, 3.8))
+  for name, y in series.items():
+    y = np.asarray(y, dtype=float)
+    if y.shape != (n,):
+      raise ValueError(f"series {name!r} must have shape [{n}], got {y.shape}")
+    (line,) = ax.plot(x, y, marker="o", markersize=3, label=str(name))
+    e = _yerr((errors or {}).get(name), n)
+    if e is not None:
+      lo, hi = (e, e) if e.ndim == 1 else (e[0], e[1])
+      ax.fill_between(x, y - lo, y + hi, color=line.get_color(), alpha=0.2, linewidth=0)
+  if logx:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  if len(series) > 1:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+def heatmap(matrix: Any, xlabels: Sequence[str], ylabels: Sequence[str], title: str = "",
+            cbar_label: str = "", vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis",
+            annotate: bool | None = None) -> mpl_figure.Figure:
+  """A [len(ylabels), len(xlabels)] matrix as colored cells (row i at y = ylabels[i], top first).
+
+  Args:
+    annotate: write each value in its cell; default when the matrix has at most 20 x 20 cells.
+    vmin, vmax: color range; default the data range. nan cells are left blank.
+  """
+  m = np.asarray(matrix, dtype=float)
+  if m.shape != (len(ylabels), len(xlabels)):
+    raise ValueError(f"matrix must have shape [{len(ylabels)}, {len(xlabels)}], got {m.shape}")
+  rows, cols = m.shape
+  size = (min(14.0, max(4.5, 0.5 * cols + 2.5)), min(12.0, max(3.5, 0.4 * rows + 1.5)))  # inches
+  fig, ax = plt.subplots(figsize=size)
+  im = ax.imshow(m, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+  fig.colorbar(im, ax=ax, label=cbar_label)
+  ax.set_xticks(np.arange(cols), [str(s) for s in xlabels], rotation=45 if cols > 8 else 0,
+                ha="right" if cols > 8 else "center")
+  ax.set_yticks(np.arange(rows), [str(s) for s in ylabels])
+  ax.set_title(title)
+  if annotate if annotate is not None else (rows <= 20 and cols <= 20):
+    lo, hi = im.get_clim()
+    mid = (lo + hi) / 2
+    for i in range(rows):
+      for j in range(cols):
+        if math.isfinite(m[i, j]):
+          ax.text(j, i, f"{m[i, j]:.3g}", ha="center", va="center", fontsize=7,
+                  color="black" if m[i, j] > mid else "white")
+  fig.tight_layout()
+  return fig
