@@ -169,3 +169,28 @@ def test_sigkill_at_any_moment_then_resume_reaches_bit_identical_state(tmp_path)
   assert [r["loss"] for r in training.read_metrics(wd / "metrics.jsonl")] == ref_loss
   assert checkpoints.committed_steps(wd / "checkpoints") == list(range(0, n + 1, 2))
   assert json.loads((wd / "checkpoints" / str(n) / checkpoints.COMMIT_FILE).read_text())["step"] == n
+
+
+@pytest.mark.parametrize("where", ["state", "metadata"])
+def test_a_verified_checkpoint_that_fails_to_restore_stops_the_run_and_stays_in_place(tmp_path, lora_state,
+                                                                                       monkeypatch, where):
+  # Out of memory or an orbax version mismatch is not damage: moving the step aside would make the run
+  # silently restart from an older step (or step 0). Only verification failures move a step.
+  d = tmp_path / "ck"
+  ck = checkpoints.Checkpointer(d, save_every=1)
+  for s in range(2):
+    ck.save(_at_step(lora_state, s))
+
+  def boom(*a, **k):
+    raise MemoryError("RESOURCE_EXHAUSTED: out of memory while restoring")
+
+  if where == "state":
+    monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "restore", boom)
+  else:
+    monkeypatch.setattr(checkpoints, "read_metadata", boom)
+  messages = []
+  ck2 = checkpoints.Checkpointer(d, save_every=1, log=messages.append)
+  with pytest.raises(checkpoints.CheckpointRestoreError, match="RESOURCE_EXHAUSTED") as e:
+    ck2.restore_latest(checkpoints.abstract_like(lora_state))
+  assert str(d / "1") in str(e.value) and isinstance(e.value.__cause__, MemoryError)
+  assert checkpoints.committed_steps(d) == [0, 1] and not os.path.exists(ck2.rejected_dir) and not messages

@@ -18,7 +18,8 @@ and a step whose files were later truncated, deleted or altered fails the checks
 is ever loaded: `Checkpointer.restore_latest` walks the steps from the newest, reports each invalid
 one with the reason (`log`, default a logging warning), moves it to `<dir>.rejected/` so the run can
 save that step again, and restores the newest committed one. orbax errors while reading a committed
-step (a bug or a foreign file) are reported and skipped the same way.
+step are not damage: they stop the run with the cause (`CheckpointRestoreError`) and leave the step in
+place, since skipping it would silently restart the run from an older step.
 
 Trajectories: `list_checkpoints` gives every step with its status, and `trajectory` applies a metric
 function to each committed checkpoint and writes one table (JSONL rows as they finish, so an
@@ -50,6 +51,10 @@ _TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 class CheckpointMismatchError(ValueError):
   """A committed checkpoint was written by a run with a different config or data than this one."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint that passed verification could not be restored (not damage: memory, versions, target)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,12 +290,16 @@ class Checkpointer:
       if not info.ok:
         self._reject(info)
         continue
+      # The step passed its checksums: from here on a failure (out of memory, an orbax version that cannot
+      # read the files, a target of the wrong shape) is not damage to skip. Moving the step aside would make
+      # the run silently restart from an older step or from step 0, so stop and name the cause instead.
       try:
         meta = read_metadata(self.directory, info.step)
-      except Exception as e:  # noqa: BLE001 -- any failure to read a step means: do not use it
-        reason = f"metadata unreadable: {type(e).__name__}: {e}"
-        self._reject(dataclasses.replace(info, status="corrupt", reason=reason))
-        continue
+      except Exception as e:
+        raise CheckpointRestoreError(
+          f"{info.path}: the checkpoint passed verification but its metadata could not be read "
+          f"({type(e).__name__}: {e}); it was left in place. Fix the cause, or move the step aside by hand "
+          "to resume from an older one") from e
       # Checked before restoring: a step of another run is an error to report, not damage to skip.
       for k, v in (expect or {}).items():
         if meta.get(k) != v:
@@ -299,8 +308,11 @@ class Checkpointer:
             "different run (use a fresh --workdir, or restore the original config and data)")
       try:
         return self.restore(info.step, abstract_state, verified=True)
-      except Exception as e:  # noqa: BLE001
-        self._reject(dataclasses.replace(info, status="corrupt", reason=f"restore failed: {type(e).__name__}: {e}"))
+      except Exception as e:
+        raise CheckpointRestoreError(
+          f"{info.path}: the checkpoint passed verification but restoring it failed ({type(e).__name__}: {e}); "
+          "it was left in place. Fix the cause (memory, orbax version, restore target), or move the step aside by "
+          "hand to resume from an older one") from e
     return None
 
 
