@@ -290,11 +290,12 @@ def run_synthetic(key, x_fit, y_fit, x_val, y_val, x_test, y_test, cfg) -> dict:
   iso = sweep_family(pr[main], x_test, y_test, "isotropic", sigmas, keys[1], **kw)
   aug_sigma = au.sigma or crossing(sigmas, iso["auc"], cliff_threshold(clean[main]["auc"], sw.cliff_auc))
   if au.copies and math.isfinite(aug_sigma):
-    xa, ya = probes.augment_isotropic(keys[2], jnp.asarray(x_fit), jnp.asarray(y_fit), aug_sigma, au.copies,
+    k_noise, k_init = jax.random.split(keys[2])  # the augmentation noise and the probe's init: independent
+    xa, ya = probes.augment_isotropic(k_noise, jnp.asarray(x_fit), jnp.asarray(y_fit), aug_sigma, au.copies,
                                       sw.convention)
     pc = probes.ProbeConfig(kind=main, hidden=cfg.probe.hidden, lr=cfg.probe.lr, max_steps=cfg.probe.max_steps,
                             patience=cfg.probe.patience)
-    pr[f"{main}_aug"], pinfo[f"{main}_aug"] = probes.fit_select(keys[2], xa, ya, jnp.asarray(x_val), jnp.asarray(y_val),
+    pr[f"{main}_aug"], pinfo[f"{main}_aug"] = probes.fit_select(k_init, xa, ya, jnp.asarray(x_val), jnp.asarray(y_val),
                                                                 pc, tuple(cfg.probe.l2s))
     clean[f"{main}_aug"] = evaluate(pr[f"{main}_aug"], x_test, y_test, sw.silent_threshold)
   ref = drift_alarm.fit_reference(jnp.asarray(x_fit), k=al.k)
@@ -343,13 +344,14 @@ def run_synthetic(key, x_fit, y_fit, x_val, y_val, x_test, y_test, cfg) -> dict:
     cs = row["cliff_sigma"] if math.isfinite(row["cliff_sigma"]) else row["bacc_cliff_sigma"]
     for mult in ra.cliff_multiples if math.isfinite(cs) else ():
       sg = cs * mult
-      k1, k2, k3 = jax.random.split(jax.random.fold_in(fk, 7), 3)
-      basis = pca @ drift.random_basis(k1, sw.subspace_k, sw.subspace_k) if fam == "subspace_pca" else None
+      # One key per draw: drift basis/direction, test noise, anchor noise, the re-anchoring anchor draws.
+      k0, k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(fk, 7), 5)
+      basis = pca @ drift.random_basis(k0, sw.subspace_k, sw.subspace_k) if fam == "subspace_pca" else None
       dr = drift.make_drift(fam.removesuffix("_pca"), k1, x_test.shape[1], k=sw.subspace_k, convention=sw.convention,
                             basis=basis)
       test_b, anchors_b = drift.apply_drift(dr, k2, jnp.asarray(x_test), sg), drift.apply_drift(dr, k3, anchors_a, sg)
       ns = [n for n in ra.n_anchors if n <= n_pool]
-      fixed = reanchor_scores(k1, pr[main], anchors_a, anchors_b, test_b, y_test, ns, repeats=ra.repeats,
+      fixed = reanchor_scores(k4, pr[main], anchors_a, anchors_b, test_b, y_test, ns, repeats=ra.repeats,
                               identity_prior=ra.identity_prior)
       angle_b = float(jnp.mean(metrics.angle_deg(jnp.asarray(x_test), test_b)))
       reanchor += reanchor_rows(fam, sg, angle_b, ns, clean[main], evaluate(pr[main], test_b, y_test), fixed)
@@ -395,13 +397,14 @@ def run_real(key, name, magnitude, x_test, y_test, x_test_b, anchors_a, anchors_
     for k in ("auc", "accuracy", "balanced_accuracy", "confidence", "silent_failure_rate"):
       row[f"{p}_{k}"] = m[k]
   zeros = np.zeros(len(sw.sigmas))  # the sweeps' shape: no recompilation
-  fired = alarm_power(key, syn["alarm"]["reference"], x_test, zeros, family=None, pool_new=x_test_b,
+  k_alarm, k_anchor = jax.random.split(key)  # the alarm's windows and the anchor draws: independent
+  fired = alarm_power(k_alarm, syn["alarm"]["reference"], x_test, zeros, family=None, pool_new=x_test_b,
                       statistics=tuple(al.statistics), alpha=al.alpha, window=al.window, n_windows=al.n_windows,
                       n_perm=al.n_perm, k=sw.subspace_k, convention=sw.convention, common=False)
   for st, v in fired.items():
     row[f"alarm_{st}"] = float(np.mean(v))
   ns = [n for n in ra.n_anchors if n <= len(anchors_a)]
-  fixed = reanchor_scores(key, syn["probes"][main], anchors_a, anchors_b, x_test_b, y_test, ns, repeats=ra.repeats,
+  fixed = reanchor_scores(k_anchor, syn["probes"][main], anchors_a, anchors_b, x_test_b, y_test, ns, repeats=ra.repeats,
                           identity_prior=ra.identity_prior)
   rows = reanchor_rows(name, magnitude, angle, ns, syn["clean"][main],
                        evaluate(syn["probes"][main], x_test_b, y_test, sw.silent_threshold), fixed)

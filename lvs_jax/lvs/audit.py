@@ -145,8 +145,9 @@ def run_cells(model, prompts, targets, cfg, cell_dir: str) -> dict:
       logging.warning("%s is for other prompts or radius; recomputing", path)
     t0 = time.time()
     loss, loss_ok, completions = [], [], []
-    for rows, batch in batches:
-      key = jax.random.fold_in(jax.random.key(cfg.seed), layer * 1000 + ri)
+    cell_key = jax.random.fold_in(jax.random.key(cfg.seed), layer * 1000 + ri)
+    for bi, (rows, batch) in enumerate(batches):
+      key = jax.random.fold_in(cell_key, bi)  # a fresh random start per batch, not one shared by all
       r = lvs.pgd_attack(model.params, model.cfg, batch, ids, layer, cfg.radii[ri], key, acfg)
       texts = lvs.generate_under_delta(model, batch, layer, r.delta, cfg.max_new_tokens)
       loss += np.asarray(r.final_loss)[:len(rows)].tolist()
