@@ -86,21 +86,25 @@ def test_attack_delta_stays_inside_the_ball(norm, scope, relative):
   assert np.all(d[~where] == 0)
   hn = np.asarray(h)
   D = cfg.d_model
+  # size: the perturbation in the ball's own norm per constraint unit (a prompt token, or a prompt);
+  # bound: the radius of that unit's ball in activation units.
   if norm == "l2" and scope == "token":
-    bound = eps * (np.linalg.norm(hn, axis=-1) if relative else 1.0)
-    assert np.all(np.linalg.norm(d, axis=-1) <= bound * (1 + 1e-5) + 1e-7)
+    size = np.linalg.norm(d, axis=-1)[where]
+    bound = eps * (np.linalg.norm(hn, axis=-1)[where] if relative else 1.0)
   elif norm == "l2":
+    size = np.sqrt((d ** 2).sum((1, 2)))
     bound = eps * (np.sqrt((hn ** 2).sum((1, 2))) if relative else 1.0)
-    assert np.all(np.sqrt((d ** 2).sum((1, 2))) <= bound * (1 + 1e-5))
   elif scope == "token":
-    bound = eps * (np.linalg.norm(hn, axis=-1, keepdims=True) / np.sqrt(D) if relative else 1.0)
-    assert np.all(np.abs(d) <= bound * (1 + 1e-5) + 1e-7)
+    size = np.abs(d).max(-1)[where]
+    bound = eps * (np.linalg.norm(hn, axis=-1)[where] / np.sqrt(D) if relative else 1.0)
   else:
-    n = where.sum(1)[:, None, None]
-    bound = eps * (np.sqrt((hn ** 2).sum((1, 2), keepdims=True) / (n * D)) if relative else 1.0)
-    assert np.all(np.abs(d) <= bound * (1 + 1e-5))
-  # A strong attack reaches the boundary somewhere (the projection is active, not vacuous).
-  assert np.abs(d).max() > 0
+    n = where.sum(1)
+    size = np.abs(d).max((1, 2))
+    bound = eps * (np.sqrt((hn ** 2).sum((1, 2)) / (n * D)) if relative else 1.0)
+  assert np.all(size <= bound * (1 + 1e-5) + 1e-7)
+  # Steps of 0.6 eps that never stop (success_loss < 0) end on the sphere: every token's (or prompt's)
+  # perturbation has exactly the radius, so the projection is active and scaled by the right norm.
+  np.testing.assert_allclose(size, bound, rtol=1e-4)
 
 
 def test_zero_radius_leaves_logits_unchanged():
@@ -175,11 +179,13 @@ def test_lvs_statistics():
   eps = lvs.breaking_radius(success, radii)
   np.testing.assert_array_equal(eps, [0.1, 0.2, 0.4])
   np.testing.assert_allclose(lvs.success_curve(eps, radii), [1 / 3, 2 / 3, 1.0])
-  # trapezoid: 0->0.1: (0+1/3)/2*0.1, 0.1->0.2: (1/3+2/3)/2*0.1, 0.2->0.4: (2/3+1)/2*0.2; / 0.4
-  expected = ((1 / 3) / 2 * 0.1 + 0.5 * 0.1 + (5 / 3) / 2 * 0.2) / 0.4
+  # trapezoid: 0->0.1: (0+1/3)/2*0.1, 0.1->0.2: (1/3+2/3)/2*0.1, 0.2->0.4: (2/3+1)/2*0.2; over the largest
+  # possible area 0.4 - 0.1/2. Per prompt: bracket midpoints 0.05, 0.15, 0.3 -> (0.4 - m) / 0.35, averaged.
+  expected = ((1 / 3) / 2 * 0.1 + 0.5 * 0.1 + (5 / 3) / 2 * 0.2) / 0.35
   np.testing.assert_allclose(lvs.lvs_score(eps, radii), expected)
+  np.testing.assert_allclose(expected, np.mean([(0.4 - m) / 0.35 for m in (0.05, 0.15, 0.3)]))
   assert lvs.lvs_score(np.full(5, np.inf), radii) == 0.0
-  np.testing.assert_allclose(lvs.lvs_score(np.full(5, 0.1), radii), 1 - 0.1 / (2 * 0.4))
+  np.testing.assert_allclose(lvs.lvs_score(np.full(5, 0.1), radii), 1.0)  # the ceiling is 1 on this grid too
   val, lo, hi = lvs.bootstrap_lvs(np.array([[0.1, 0.2, np.inf, 0.4] * 5, [np.inf] * 20]), radii, n_boot=200)
   assert lo[0] <= val[0] <= hi[0] and hi[0] > lo[0]
   assert val[1] == lo[1] == hi[1] == 0.0

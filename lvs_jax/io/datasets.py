@@ -110,7 +110,7 @@ def load_prompts(
   format: one of `formats.FORMATS`; None detects it from the extension (.json .jsonl .csv .txt, each optionally
     .gz) and, for CSV, from the header (HarmBench, AdvBench, XSTest, StrongREJECT columns; else
     generic); a JSON object with 'parameters' and 'jailbreaks' is a JailbreakBench artifact.
-  field: the prompt field/column, for JSON objects, JSONL and CSV (defaults: see module docstring).
+  field: the prompt field/column, for JSON objects, JSONL and CSV (defaults: see `lvs_jax.io.formats`).
   label: keep only rows whose label is this / one of these (XSTest "safe" / "unsafe", a category,
     a HarmBench SemanticCategory). Error if the file has no labels.
   functional_category: HarmBench only: keep rows whose FunctionalCategory is this / one of these
