@@ -9,7 +9,7 @@ import pytest
 
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.tokenizer import LoadedModel
-from lvs_jax.evals import behavior
+from lvs_jax.evals import behavior, stats
 from lvs_jax.geometry import diagnostics
 from tests import helpers
 from tests.test_carriers import _tiny_tokenizer
@@ -58,7 +58,7 @@ def test_robust_refusal_counts_a_prompt_only_if_refused_everywhere(monkeypatch):
   assert r["conditions"]["plain"]["rate"] == 0.75 and r["conditions"]["a"]["rate"] == 0.5
   assert r["robust"]["k"] == 2 and r["robust"]["n"] == 4
   assert r["mean_template_rate"] == pytest.approx(0.625)
-  lo, hi = behavior.wilson_interval(2, 4)
+  lo, hi = stats.wilson_interval(2, 4)
   assert (r["robust"]["low"], r["robust"]["high"]) == (lo, hi)
   u = diagnostics.harmful_usefulness(None, ["p"] * 4)
   assert u["asr"]["k"] == 1 and u["asr_substantive"]["k"] == 1  # "Sure, here is how to do it": 6 words

@@ -31,6 +31,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lvs_jax.evals import stats
+
 STATISTICS = ("residual", "mean", "mmd")
 
 
@@ -47,8 +49,7 @@ class Reference:
 
 
 def _unit(x):
-  x = jnp.asarray(x, jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return stats.unit(jnp.asarray(x, jnp.float32))
 
 
 def _sqdist(a, b):

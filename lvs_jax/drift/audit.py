@@ -30,6 +30,7 @@ from absl import logging
 from lvs_jax.drift import embeddings, metrics, probes
 from lvs_jax.drift import families as drift
 from lvs_jax.drift import study as drift_eval
+from lvs_jax.evals import stats
 from lvs_jax.io import datasets as data
 from lvs_jax.report import store as report_lib
 
@@ -106,7 +107,7 @@ def prompt_sets(cfg) -> dict:
 
 
 def _unit(x) -> np.ndarray:
-  return np.asarray(drift.unit(jnp.asarray(x)))
+  return np.asarray(stats.unit(jnp.asarray(x)))
 
 
 def select_layer(model, sets, cfg, emb_dir: str) -> tuple[dict, np.ndarray]:

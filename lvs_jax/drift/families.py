@@ -53,13 +53,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lvs_jax.evals.stats import unit
+
 FAMILIES = ("isotropic", "directional", "subspace")
 CONVENTIONS = ("norm", "coord")
-
-
-def unit(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Rows of x [..., D] scaled to unit L2 norm."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def noise_scale(sigma, d: int, convention: str = "norm"):

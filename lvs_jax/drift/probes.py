@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from lvs_jax.drift import metrics
+from lvs_jax.evals import stats
 
 KINDS = ("logreg", "mlp")
 
@@ -70,7 +71,7 @@ class Probe:
 def _prep(x, mean, std, normalize: bool):
   x = jnp.asarray(x, jnp.float32)
   if normalize:
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    x = stats.unit(x)
   return (x - mean) / std
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from lvs_jax.drift import alarm as drift_alarm
 from lvs_jax.drift import families as drift
 from lvs_jax.drift import metrics, probes
+from lvs_jax.evals import stats
 from lvs_jax.report import charts
 from lvs_jax.report import store as report_lib
 
@@ -261,7 +262,7 @@ def isotropic_margin(probe: probes.Probe, x, y, level: float) -> dict[str, float
                 predicted_cliff_sigma=float("nan"), dim=int(np.shape(x)[-1]))
   w = np.asarray(probe.params["w"] / probe.std, np.float64)
   w /= np.linalg.norm(w)
-  u = np.asarray(drift.unit(jnp.asarray(x)), np.float64)
+  u = np.asarray(stats.unit(jnp.asarray(x)), np.float64)
   proj, yb = u @ w, np.asarray(y).astype(bool)
   gap = proj[yb].mean() - proj[~yb].mean()
   var = proj[yb].var() + proj[~yb].var()

@@ -29,20 +29,9 @@ from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import generate as gen
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.tokenizer import LoadedModel, PromptError
-from lvs_jax.evals import judges
+from lvs_jax.evals import judges, stats
 from lvs_jax.report import charts
 from lvs_jax.report import store as report_lib
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-  """95% (default z) Wilson score interval for a binomial proportion k/n."""
-  if n == 0:
-    return (math.nan, math.nan)
-  p = k / n
-  denom = 1 + z * z / n
-  center = (p + z * z / (2 * n)) / denom
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-  return (max(0.0, center - half), min(1.0, center + half))
 
 
 @dataclasses.dataclass
@@ -67,7 +56,7 @@ class SetResult:
 
   @property
   def interval(self) -> tuple[float, float]:
-    return wilson_interval(self.n_refused, self.n)
+    return stats.wilson_interval(self.n_refused, self.n)
 
 
 def _read_jsonl(path: str) -> list[dict]:

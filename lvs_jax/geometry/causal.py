@@ -37,7 +37,7 @@ from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.config import ModelConfig
 from lvs_jax.core.tokenizer import LoadedModel
-from lvs_jax.evals import judges
+from lvs_jax.evals import judges, stats
 from lvs_jax.lvs import sweeps
 
 
@@ -194,10 +194,6 @@ def refusal_scores(model: LoadedModel, prompts: Sequence[str], refusal_ids, *, e
 # ----------------------------------------------------------------------------- effect sizes
 
 
-def _boot_index(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
-  return rng.integers(0, n, size=(n_boot, n))
-
-
 def paired_difference(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
                       level: float = 0.95) -> dict:
   """mean(a) - mean(b) over the same N prompts, with a paired bootstrap interval.
@@ -209,10 +205,9 @@ def paired_difference(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed:
   if a.shape[-1] != b.shape[-1]:
     raise ValueError(f"paired_difference: {a.shape[-1]} vs {b.shape[-1]} prompts")
   d = a.mean(0) - b.mean(0)  # [N] per-prompt difference (K-averaged)
-  idx = _boot_index(np.random.default_rng(seed), d.shape[0], n_boot)
-  boots = d[idx].mean(-1)
-  alpha = (1 - level) / 2
-  return dict(diff=float(d.mean()), low=float(np.quantile(boots, alpha)), high=float(np.quantile(boots, 1 - alpha)),
+  boots = d[stats.bootstrap_indices(seed, d.shape[0], n_boot)].mean(-1)
+  low, high = stats.percentile_interval(boots, level)
+  return dict(diff=float(d.mean()), low=float(low), high=float(high),
               p_le_0=float((boots <= 0).mean()))
 
 

@@ -39,6 +39,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lvs_jax.evals.stats import percentile_interval
+
 try:  # installed with scikit-learn; optional
   from threadpoolctl import threadpool_limits
 except ImportError:  # pragma: no cover
@@ -202,11 +204,6 @@ def _weighted(x: np.ndarray, w: np.ndarray) -> np.ndarray:
   return (w @ flat).reshape(len(w), L, D)
 
 
-def _interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-  a = (1 - level) / 2
-  return np.quantile(samples, a, axis=0), np.quantile(samples, 1 - a, axis=0)
-
-
 # ----------------------------------------------------------------------------- coupling
 
 
@@ -255,8 +252,8 @@ def coupling(xa: np.ndarray, la: np.ndarray, xb: np.ndarray, lb: np.ndarray, *, 
     null_x.append(sx.mean(0) * m)
   if n_boot:
     boot, boot_x = np.concatenate(boot), np.concatenate(boot_x)
-    out["abs_cos_low"], out["abs_cos_high"] = _interval(boot, level)
-    out["cross_low"], out["cross_high"] = _interval(boot_x, level)
+    out["abs_cos_low"], out["abs_cos_high"] = percentile_interval(boot, level)
+    out["cross_low"], out["cross_high"] = percentile_interval(boot_x, level)
   if n_null:
     null = np.concatenate(null)
     out["null_mean"] = null.mean(0)
@@ -323,8 +320,8 @@ def subspace_coupling(xa: np.ndarray, la: np.ndarray, xb: np.ndarray, lb: np.nda
     counts = stratified_counts(rng, strata, n_boot)
     bs = np.array([[one(layer, la, lb, c, c) if not dd else np.full(k, np.nan) for layer, dd in zip(layers, dead)]
                    for c in counts])  # [B, nL, k]
-    out["overlap_low"], out["overlap_high"] = _interval((bs ** 2).mean(-1), level)
-    out["max_cos_low"], out["max_cos_high"] = _interval(bs[..., 0], level)
+    out["overlap_low"], out["overlap_high"] = percentile_interval((bs ** 2).mean(-1), level)
+    out["max_cos_low"], out["max_cos_high"] = percentile_interval(bs[..., 0], level)
   if n_null:
     pa, pb = split_labels(rng, la, n_null), split_labels(rng, lb, n_null)
     ns = np.array([[one(layer, pa[i], pb[i]) if not dd else np.full(k, np.nan) for layer, dd in zip(layers, dead)]

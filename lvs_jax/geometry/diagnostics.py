@@ -53,7 +53,7 @@ import numpy as np
 from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.tokenizer import LoadedModel
-from lvs_jax.evals import behavior
+from lvs_jax.evals import behavior, stats
 from lvs_jax.lvs import sweeps
 
 # ----------------------------------------------------------------------------- adversarial templates
@@ -177,7 +177,7 @@ def word_count(text: str) -> int:
 
 
 def _rate(k: int, n: int) -> dict:
-  lo, hi = behavior.wilson_interval(k, n)
+  lo, hi = stats.wilson_interval(k, n)
   return dict(rate=k / n if n else math.nan, low=lo, high=hi, k=int(k), n=int(n))
 
 
