@@ -39,7 +39,7 @@ def test_shapes_and_modules():
 def test_zero_b_leaves_weights_and_outputs_unchanged():
   cfg, params = tiny()
   lp = lora.init(jax.random.key(1), cfg, rank=4, alpha=16)
-  merged = lora.apply(params, lp)
+  merged = lora.merge(params, lp)
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
@@ -93,12 +93,44 @@ def test_merge_equals_unmerged_forward_in_torch():
     want = tm(torch.tensor(tokens)).logits.numpy()
   got = np.asarray(model_lib.forward(lora.merge(params, lp), jnp.asarray(tokens, jnp.int32), cfg).logits)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-  # The same adapters inside the training forward (applied in the loss) give the same logits too.
+  # The same adapters run unmerged inside the training forward give the same logits too.
   seg = np.ones_like(tokens, np.int32)
   pos = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-  inside = training.forward_train(training.model_params(lp, params), jnp.asarray(tokens, jnp.int32),
-                                  jnp.asarray(seg), jnp.asarray(pos), cfg)
+  inside = training.forward_train(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(seg), jnp.asarray(pos), cfg,
+                                  lora=lp)
   np.testing.assert_allclose(np.asarray(inside), want, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_lora_update_below_weight_resolution_reaches_the_output():
+  """With bfloat16 base weights, an adapter delta below 2^-8 |W| (half a bf16 ulp: merging W + s a @ b in
+  bf16 rounds it away exactly) still changes the training forward, and moves the loss as in float32."""
+  cfg, params = tiny()
+  p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  lp = lora.init(jax.random.key(0), cfg, rank=2, alpha=2, modules=("q", "v", "up", "down"))
+  # b chosen so that every entry of s a @ b is below 2^-9 |W| entrywise (elementwise relative update).
+  weights = {}
+  for m, w in lp.weights.items():
+    W = np.abs(np.asarray(getattr(p16.layers, lora.MODULES[m][0]), np.float32)).reshape(w.a.shape[0], w.a.shape[1], -1)
+    delta = np.asarray(w.a) @ np.ones(w.b.shape, np.float32)  # [L, I, O]: rank 1 per layer (two equal rows of b)
+    c = float((2.0 ** -9) * np.min(W / np.maximum(np.abs(delta), 1e-30)))
+    weights[m] = lora.LoraWeights(w.a, jnp.full(w.b.shape, c / lp.scale, jnp.float32))
+  lp = lora.LoraParams(weights, lp.scale)
+  for m, w in lp.weights.items():  # the premise: the update is below bf16 resolution of every weight
+    W = getattr(p16.layers, lora.MODULES[m][0])
+    merged = W + lora.delta(w, lp.scale, W.shape).astype(W.dtype)
+    np.testing.assert_array_equal(np.asarray(merged, np.float32), np.asarray(W, np.float32))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  seg = jnp.ones(tokens.shape, jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), tokens.shape)
+  base = np.asarray(training.forward_train(p16, tokens, seg, pos, cfg, remat=False))
+  adapted = np.asarray(training.forward_train(p16, tokens, seg, pos, cfg, remat=False, lora=lp))
+  assert np.abs(adapted - base).max() > 0
+  # And the loss sees it: with zero-initialized b the bf16 loss is the base loss, with this b it moves.
+  batch = jax.tree.map(lambda x: x[0], _batch(cfg))
+  nll0, _ = training.loss_sums(lora.init(jax.random.key(0), cfg, 2, 2, modules=("q", "v", "up", "down")), p16, batch,
+                               cfg, compute_dtype=jnp.bfloat16, remat=False)
+  nll1, _ = training.loss_sums(lp, p16, batch, cfg, compute_dtype=jnp.bfloat16, remat=False)
+  assert float(nll1) != float(nll0)
 
 
 def test_merged_export_round_trips(tmp_path):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import einops
 import jax
@@ -281,6 +281,30 @@ def unembed(params: Params, h: jax.Array, cfg: ModelConfig, logits_positions: ja
   return jnp.einsum("btd,dv->btv", h, head, preferred_element_type=acc_dtype(h.dtype))
 
 
+def linear(x: jax.Array, w: jax.Array, lora: tuple[jax.Array, jax.Array] | None = None,
+           spec: str | None = None) -> jax.Array:
+  """x [B, T, *in] @ w [*in, *out] -> [B, T, *out] (`spec`: the einsum; default `x @ w` for 2-D w).
+
+  lora = (a [I, r], b [r, O]) adds the low-rank term (x @ a) @ b *unmerged* (I, O: products of the in
+  and out axes; the LoRA scale is folded into b): the base product and the low-rank term are summed
+  in float32 and rounded to x.dtype once, so an update far below the bfloat16 spacing of W still
+  moves the output (merging W + a @ b in bfloat16 would round it away), and no merged copy of W
+  is built.
+  """
+  if lora is None:
+    return x @ w if spec is None else jnp.einsum(spec, x, w)
+  a, b = lora
+  acc = acc_dtype(x.dtype)
+  if spec is None:
+    y = jnp.matmul(x, w, preferred_element_type=acc)
+  else:
+    y = jnp.einsum(spec, x, w, preferred_element_type=acc)
+  xi = x.reshape(*x.shape[:2], a.shape[0])
+  low = jnp.einsum("bti,ir->btr", xi, a.astype(x.dtype), preferred_element_type=acc)
+  low = jnp.einsum("btr,ro->bto", low, b.astype(acc))
+  return (y + low.reshape(y.shape)).astype(x.dtype)
+
+
 def block(
   cfg: ModelConfig,
   ctx: Context,
@@ -292,13 +316,16 @@ def block(
   *,
   capture: Sequence[str] = (),
   capture_positions: jax.Array | None = None,
+  lora: Mapping[str, tuple[jax.Array, jax.Array]] | None = None,
 ):
   """One transformer block on h [B, T, D] with this layer's weights `lp` (no L axis) and edit slice.
 
   ck, cv: this layer's KV cache [B, S, K, Dh] (None: attend to this call's tokens only).
+  lora: this layer's low-rank adapters (see `linear`), keyed by LayerParams field name.
   Returns (h, captured {site: [B, P, D]}, ck, cv).
   """
   le = le or {}
+  lora = lora or {}
   out = {}
   dtype = h.dtype
 
@@ -311,9 +338,9 @@ def block(
   inv_freq = rope_inv_freq(cfg)
   h = site("resid_pre", h)
   x = rms_norm(h, lp.attn_norm, cfg.rms_eps)
-  q = jnp.einsum("btd,dhk->bthk", x, lp.wq)
-  k = jnp.einsum("btd,dhk->bthk", x, lp.wk)
-  v = jnp.einsum("btd,dhk->bthk", x, lp.wv)
+  q = linear(x, lp.wq, lora.get("wq"), "btd,dhk->bthk")
+  k = linear(x, lp.wk, lora.get("wk"), "btd,dhk->bthk")
+  v = linear(x, lp.wv, lora.get("wv"), "btd,dhk->bthk")
   if lp.bq is not None:
     q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
   q = rope(q, ctx.positions, inv_freq)
@@ -325,13 +352,62 @@ def block(
   else:
     k_all, v_all = k, v
   a = attend(q, k_all, v_all, ctx.mask, cfg)
-  a = jnp.einsum("bthk,hkd->btd", a, lp.wo)
+  a = linear(a, lp.wo, lora.get("wo"), "bthk,hkd->btd")
   h = h + site("attn_out", a)
   x = rms_norm(h, lp.mlp_norm, cfg.rms_eps)
-  m = jax.nn.silu(x @ lp.w_gate) * (x @ lp.w_up)
-  h = h + site("mlp_out", m @ lp.w_down)
+  m = jax.nn.silu(linear(x, lp.w_gate, lora.get("w_gate"))) * linear(x, lp.w_up, lora.get("w_up"))
+  h = h + site("mlp_out", linear(m, lp.w_down, lora.get("w_down")))
   h = site("resid_post", h)
   return h, out, ck, cv
+
+
+def scan_layers(
+  layers: LayerParams,
+  h: jax.Array,
+  cfg: ModelConfig,
+  ctx: Context,
+  *,
+  edit: edit_lib.Edit | None = None,
+  kv: tuple[jax.Array, jax.Array] | None = None,
+  lora: Mapping[str, tuple[jax.Array, jax.Array]] | None = None,
+  capture: Sequence[str] = (),
+  capture_positions: jax.Array | None = None,
+  from_layer: jax.Array | int | None = None,
+  remat: bool = False,
+):
+  """The layer loop every forward shares (`forward`, `run_from_layer`, training's `forward_train`):
+  a `lax.scan` of `block` over the stacked weights, with every per-layer argument sliced per layer.
+
+  h: [B, T, D] entering layer 0 (or `from_layer`). edit: an Edit (leaves [L, ...]). kv: the KV cache
+  (k, v), each [L, B, S, K, Dh]. lora: LayerParams field -> (a [L, I, r], b [L, r, O]) adapters run
+  unmerged (`linear`). from_layer: blocks < from_layer are skipped (h passes through; their captures
+  are zeros) by a `lax.cond` per layer, a real skip when from_layer is unbatched (under lax.map), a
+  select when vmapped. remat: recompute each block in the backward pass (`jax.checkpoint`).
+  Returns (h [B, T, D], captured {site: [L, B, P, D]}, kv or None).
+  """
+  ck, cv = (None, None) if kv is None else kv
+  idx = None if from_layer is None else jnp.arange(cfg.n_layers, dtype=jnp.int32)
+
+  def body(h, xs):
+    i, lp, le, lo, ck, cv = xs
+
+    def run(h):
+      return block(cfg, ctx, h, lp, le, ck, cv, capture=capture, capture_positions=capture_positions, lora=lo)
+
+    def skip(h):
+      captured = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, h)[1])
+      return h, captured, ck, cv
+
+    if i is None:
+      h, out, ck, cv = run(h)
+    else:
+      h, out, ck, cv = jax.lax.cond(i >= jnp.asarray(from_layer, i.dtype), run, skip, h)
+    return h, (out, ck, cv)
+
+  if remat:
+    body = jax.checkpoint(body)
+  h, (captured, ck, cv) = jax.lax.scan(body, h, (idx, layers, edit, lora, ck, cv))
+  return h, captured, None if kv is None else (ck, cv)
 
 
 def forward(
@@ -385,24 +461,14 @@ def forward(
   ctx = Context(
     positions=positions, mask=attention_mask_4d(start + jnp.arange(T), key_valid, cfg.sliding_window), start=start
   )
-  h = embed(params, tokens)
-
-  def body(h, xs):
-    lp, le, ck, cv = xs
-    h, out, ck, cv = block(cfg, ctx, h, lp, le, ck, cv, capture=capture, capture_positions=capture_positions)
-    return h, (out, ck, cv)
-
-  if remat:
-    body = jax.checkpoint(body)
-  ck = cv = None
-  if cache is not None:
-    ck, cv = cache.k, cache.v
-  h, (captured, ck, cv) = jax.lax.scan(body, h, (params.layers, edit, ck, cv))
+  kv = None if cache is None else (cache.k, cache.v)
+  h, captured, kv = scan_layers(params.layers, embed(params, tokens), cfg, ctx, edit=edit, kv=kv, capture=capture,
+                                capture_positions=capture_positions, remat=remat)
   if capture_layers is not None:
     idx = np.asarray(capture_layers, np.int32)
     if idx.size and (idx.min() < 0 or idx.max() >= cfg.n_layers):
       raise ValueError(f"capture_layers {list(capture_layers)} out of range for {cfg.n_layers} layers")
     captured = {k: v[idx] for k, v in captured.items()}
   logits = unembed(params, h, cfg, logits_positions)
-  new_cache = None if cache is None else KVCache(ck, cv, key_valid)
+  new_cache = None if cache is None else KVCache(*kv, key_valid)
   return Output(logits=logits, captured=captured, cache=new_cache)

@@ -118,13 +118,7 @@ def run_from_layer(params, cfg: ModelConfig, ctx: model_lib.Context, h: jax.Arra
   The skip is a `lax.cond` per layer: real when `layer` is unbatched (under lax.map), a select when
   vmapped over layers. Differentiable in h.
   """
-  def body(h, xs):
-    i, lp = xs
-    h = jax.lax.cond(i >= jnp.asarray(layer, i.dtype), lambda h: model_lib.block(cfg, ctx, h, lp)[0], lambda h: h, h)
-    return h, None
-
-  h, _ = jax.lax.scan(body, h, (jnp.arange(cfg.n_layers, dtype=jnp.int32), params.layers))
-  return h
+  return model_lib.scan_layers(params.layers, h, cfg, ctx, from_layer=layer)[0]
 
 
 def token_scale(h: jax.Array, relative: bool) -> jax.Array:

@@ -241,26 +241,23 @@ class Dataset:
 
 
 def forward_train(params: model_lib.Params, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                  cfg: ModelConfig, *, remat: bool = True) -> jax.Array:
+                  cfg: ModelConfig, *, remat: bool = True, lora: lora_lib.LoraParams | None = None) -> jax.Array:
   """Logits [B, T, V] (float32) of a right-padded or packed batch: causal attention within each segment.
 
-  tokens, segment_ids, positions: [B, T]. The model pieces are those of `lvs_jax.core.model.forward`; on a
+  tokens, segment_ids, positions: [B, T]. The layer loop is `lvs_jax.core.model.scan_layers`; on a
   row with one example (segment 1, then padding) the logits equal `forward(params, tokens, cfg,
-  attention_mask=segment_ids > 0)` at the real tokens.
+  attention_mask=segment_ids > 0)` at the real tokens. lora: adapters run unmerged, x @ W + s (x @ a) @ b
+  (`lvs_jax.core.model.linear`): no merged weight copy, and updates below the weights' dtype
+  resolution still reach the output.
   """
   T = tokens.shape[1]
   valid = segment_ids > 0
   causal = model_lib.attention_mask_4d(jnp.arange(T), valid, cfg.sliding_window)  # [B, 1, 1, T, S]
   same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, None]
   ctx = model_lib.Context(positions=positions, mask=causal & same, start=0)
-
-  def body(h, lp):
-    h, _, _, _ = model_lib.block(cfg, ctx, h, lp)
-    return h, None
-
-  if remat:
-    body = jax.checkpoint(body)
-  h, _ = jax.lax.scan(body, model_lib.embed(params, tokens), params.layers)
+  adapters = None if lora is None else lora_lib.adapters(lora)
+  h, _, _ = model_lib.scan_layers(params.layers, model_lib.embed(params, tokens), cfg, ctx, lora=adapters,
+                                  remat=remat)
   return model_lib.unembed(params, h, cfg)
 
 
@@ -269,11 +266,12 @@ def _cast(tree, dtype):
 
 
 def model_params(trainable, base: model_lib.Params | None) -> model_lib.Params:
-  """The full weights a step runs: base + LoRA adapters, or the trainable Params themselves."""
+  """The full weights (base + merged LoRA adapters, or the trainable Params themselves) for export and
+  evaluation; training itself runs the adapters unmerged (`loss_sums`)."""
   if isinstance(trainable, lora_lib.LoraParams):
     if base is None:
       raise ValueError("LoRA training needs the base Params")
-    return lora_lib.apply(base, trainable)
+    return lora_lib.merge(base, trainable)
   return trainable
 
 
@@ -282,11 +280,17 @@ def loss_sums(trainable, base: model_lib.Params | None, batch: Batch, cfg: Model
   """(sum of completion-token NLL in nats, (number of completion tokens, number predicted correctly)).
 
   batch: one micro-batch, fields [b, T]. Sums (not means) so that micro-batches add up exactly; the
-  step divides by the total token count. compute_dtype: the weights are cast to it after LoRA is
-  applied (bfloat16 compute, float32 master weights); logits and the loss are float32.
+  step divides by the total token count. compute_dtype: the weights are cast to it (bfloat16 compute,
+  float32 master weights); LoRA adapters stay in their own dtype and run unmerged, their term added to
+  the base product in float32; logits and the loss are float32.
   """
-  params = _cast(model_params(trainable, base), compute_dtype)
-  logits = forward_train(params, batch.tokens, batch.segment_ids, batch.positions, cfg, remat=remat)
+  lora = None
+  if isinstance(trainable, lora_lib.LoraParams):
+    if base is None:
+      raise ValueError("LoRA training needs the base Params")
+    trainable, lora = base, trainable
+  params = _cast(trainable, compute_dtype)
+  logits = forward_train(params, batch.tokens, batch.segment_ids, batch.positions, cfg, remat=remat, lora=lora)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
   mask = batch.loss_mask.astype(jnp.float32)
   correct = (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)

@@ -6,11 +6,13 @@ where I is the product of W's input axes and O of its output axes (`lvs_jax.core
 `x @ w`, inputs first: wq [L, D, H, Dh] has I = D, O = H*Dh; wo [L, H, Dh, D] has I = H*Dh, O = D).
 Like the weights, the adapters are stacked on the leading layer axis L.
 
-`apply(base, lora) -> Params` forms the adapted weights explicitly. It is called inside the jitted
-loss (the extra cost is one [I, r] @ [r, O] product per module and layer, small next to the forward
-pass), so the forward pass is the unmodified `lvs_jax.core.model` code and merging for export is the
-same function: `merge = apply`. With b = 0 (the initialization, as in the paper and PEFT) every
-delta is exactly zero and `apply` returns W + 0 = W bit for bit.
+Training runs the adapters *unmerged*: `adapters(lora)` hands them to the model's layer loop
+(`lvs_jax.core.model.scan_layers` / `linear`), which computes x @ W + s (x @ a) @ b with both terms
+summed in float32. Merging W + s a @ b in W's dtype every step would build a full extra copy of each
+adapted weight and, with bfloat16 weights, round away every update below ~2^-8 |W| while gradients
+still flow. `merge(base, lora) -> Params` forms the adapted weights explicitly, for export and for
+evaluation code that takes plain Params. With b = 0 (the initialization, as in the paper and PEFT)
+every delta is exactly zero and `merge` returns W + 0 = W bit for bit.
 
 Initialization follows PEFT's default: a ~ U(-1/sqrt(I), 1/sqrt(I)) (kaiming-uniform with a=sqrt(5)),
 b = 0.
@@ -128,11 +130,15 @@ def delta(w: LoraWeights, scale: float, shape: Sequence[int]) -> jax.Array:
   return d.reshape(tuple(shape))
 
 
-def apply(base: Params, lora: LoraParams | None) -> Params:
-  """The adapted weights: W + (alpha / r) a @ b for every adapted module (in W's dtype).
+def adapters(lora: LoraParams) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """LayerParams field -> (a [L, I, r], (alpha / r) * b [L, r, O]): the form `lvs_jax.core.model.scan_layers`
+  runs unmerged."""
+  return {MODULES[m][0]: (w.a, w.b * jnp.asarray(lora.scale, w.b.dtype)) for m, w in lora.weights.items()}
 
-  Pure and differentiable in `lora`; also the merge for export (`merge = apply`).
-  """
+
+def merge(base: Params, lora: LoraParams | None) -> Params:
+  """The adapted weights W + (alpha / r) a @ b for every adapted module, in W's dtype: for export and
+  for code that takes plain Params (training runs the adapters unmerged, see `adapters`)."""
   if lora is None:
     return base
   updates = {}
@@ -142,8 +148,6 @@ def apply(base: Params, lora: LoraParams | None) -> Params:
     updates[field] = W + delta(w, lora.scale, W.shape).astype(W.dtype)
   return dataclasses.replace(base, layers=dataclasses.replace(base.layers, **updates))
 
-
-merge = apply
 
 
 def num_params(tree) -> int:
