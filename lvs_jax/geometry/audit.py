@@ -46,8 +46,8 @@ from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import generate as gen
 from lvs_jax.evals import behavior, judges
 from lvs_jax.geometry import carriers, causal, coupling, diagnostics
+from lvs_jax.geometry import section as geometry_section
 from lvs_jax.io import datasets as data
-from lvs_jax.report import charts
 from lvs_jax.report import store as report_lib
 
 CARRIER_NAMES = (carriers.HARMFULNESS, carriers.REFUSAL, carriers.REFUSAL_HH)
@@ -526,206 +526,6 @@ def run_diagnostics(model, sets, cfg, d: str) -> dict:
   return summary
 
 
-# ----------------------------------------------------------------------------- report section
-
-
-def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, sweeps_: dict, abl_ctrl: dict,
-                     effects: list, sides: list, diag: dict | None, cfg,
-                     gen_layers: dict | None = None) -> report_lib.Section:
-  L = next(iter(cs.values())).n_layers
-  layers = np.arange(L)
-  tables, figs, summary, headlines = [], [], {}, []
-  # Carriers.
-  rows = []
-  for name, c in sorted(cs.items()):
-    sel = c.meta.get("selection", {})
-    gl = (gen_layers or {}).get(name)
-    rows.append([name, c.pooling, c.n_pos, c.n_neg, sel.get("layer"), sel.get("rule", ""),
-                 float(c.norms[sel["layer"]]) if sel.get("layer") is not None else None, gl,
-                 float(c.norms[gl]) if gl is not None else None])
-    summary[f"layer/{name}"] = sel.get("layer")
-    summary[f"add_layer/{name}"] = gl
-  tables.append(report_lib.Table("carriers", ["carrier", "position", "n_pos", "n_neg", "selected_layer",
-                                              "selection_rule", "norm_at_layer", "add_cell_layer",
-                                              "norm_at_add_layer"], rows,
-                                 caption="Diff-in-means carriers of resid_pre; position last_instruction = t_inst, "
-                                 "last = t_post_inst. selection_rule: refusal_direction (all filters), or when every "
-                                 "candidate failed: no_steering_filter (lowest ablated refusal score among candidates "
-                                 "with ablation KL <= threshold) or min_kl (the least disruptive candidate); see "
-                                 "carriers.fallback_layer. add_cell_layer: where the add/subtract generation cells "
-                                 "run (config gen_layer)."))
-  summary["pool_refused"] = int(sum(v["refused"] for v in labelling["by_set"].values()))
-  summary["pool_size"] = int(sum(v["n"] for v in labelling["by_set"].values()))
-  sel_rows = []
-  for name, c in sorted(cs.items()):
-    for cand in c.meta.get("selection", {}).get("candidates", []):
-      sel_rows.append([name, cand["layer"], cand["ablation_refusal"], cand["ablation_kl"], cand["steering_refusal"],
-                       cand["discarded"] or ""])
-  if sel_rows:
-    tables.append(report_lib.Table("selection", ["carrier", "layer", "ablated_refusal_score(harmful)",
-                                                 "ablation_kl(harmless)", "steering_refusal_score(harmless)",
-                                                 "discarded"], sel_rows,
-                                   caption="refusal_direction candidate scores (means over the validation prompts)."))
-  # Coupling per layer.
-  crow = []
-  for pair, r in coup.items():
-    for i in range(L):
-      crow.append([pair, i, r["abs_cos"][i], r["abs_cos_low"][i], r["abs_cos_high"][i], r["null_mean"][i],
-                   r["null_high"][i], r["p_value"][i]])
-    ok = np.isfinite(r["abs_cos"])  # a carrier can be exactly 0 (layer 0 at a template token: nan)
-    m = int(np.flatnonzero(ok)[np.argmax(r["abs_cos"][ok])]) if ok.any() else -1
-    summary[f"coupling/{pair}/max_abs_cos"] = float(r["abs_cos"][m]) if ok.any() else None
-    summary[f"coupling/{pair}/max_abs_cos_ci95"] = (f"[{r['abs_cos_low'][m]:.3f}, {r['abs_cos_high'][m]:.3f}]"
-                                                   if ok.any() else None)
-    summary[f"coupling/{pair}/argmax_layer"] = m
-    summary[f"coupling/{pair}/min_abs_cos"] = float(np.nanmin(r["abs_cos"])) if ok.any() else None
-    summary[f"coupling/{pair}/mean_abs_cos"] = float(np.nanmean(r["abs_cos"])) if ok.any() else None
-    if pair == next(iter(coup)) and ok.any():
-      headlines.append(report_lib.Headline(
-        f"Peak harmfulness-refusal coupling ({pair})", float(r["abs_cos"][m]), float(r["abs_cos_low"][m]),
-        float(r["abs_cos_high"][m]), f"|cos| of the carriers, at layer {m}; 0 = independent, 1 = one direction"))
-  tables.append(report_lib.Table("coupling_per_layer", ["pair", "layer", "abs_cos", "ci95_low", "ci95_high",
-                                                        "null_mean", "null_q95", "p_value"], crow,
-                                 caption=f"|cos| of the two carriers at each layer; {cfg.n_boot} stratified bootstrap "
-                                 f"resamples of prompts; null: {cfg.n_null} random within-group splits."))
-  srow = []
-  for pair, r in sub.items():
-    for j, layer in enumerate(r["layers"]):
-      srow.append([pair, int(layer), r["k"], r["overlap"][j], r["overlap_low"][j], r["overlap_high"][j],
-                   r["null_overlap_mean"][j], r["p_value"][j], r["max_cos"][j], r["random_overlap"]])
-    summary[f"subspace/{pair}/max_overlap"] = float(np.nanmax(r["overlap"])) if np.isfinite(r["overlap"]).any() \
-        else None
-  if srow:
-    tables.append(report_lib.Table("subspace_coupling", ["pair", "layer", "k", "overlap(mean cos^2)", "ci95_low",
-                                                         "ci95_high", "null_mean", "p_value", "max_cos",
-                                                         "random_k_over_D"], srow,
-                                   caption="Principal angles between rank-k carrier subspaces (uncentered PCA of "
-                                   "per-prompt contrast vectors)."))
-  series = {p: r["abs_cos"] for p, r in coup.items()}
-  series.update({f"null {p}": r["null_mean"] for p, r in coup.items()})
-  errs = {p: np.stack([r["abs_cos"] - r["abs_cos_low"], r["abs_cos_high"] - r["abs_cos"]]) for p, r in coup.items()}
-  figs.append(report_lib.Figure("coupling_per_layer", charts.line_chart(
-    layers, series, errors=errs, xlabel="layer", ylabel="|cos|", title="Harmfulness-refusal coupling by layer"),
-    "Per-layer |cos| with 95% bootstrap bands; dashed-free 'null' lines: mean |cos| of random-split carriers"))
-  for pair, r in coup.items():
-    figs.append(report_lib.Figure(f"cross_{pair}", charts.heatmap(
-      r["cross"], [str(i) for i in range(L)], [str(i) for i in range(L)], title=f"|cos| layer x layer: {pair}",
-      cbar_label="|cos|", vmin=0, vmax=1), "rows: first carrier's layer, columns: second carrier's layer"))
-  # Logit sweeps.
-  names = sorted(cs)
-  K = cfg.n_controls
-  sw_rows = []
-  for set_name, res in sweeps_.items():
-    base = res["clean_refusal_score"]
-    for li, layer in enumerate(res["layers"]):
-      for ci, coef in enumerate(res["coefficients"]):
-        for vi, n in enumerate(names):
-          t = res["refusal_score"][li, ci, vi]
-          ctrl = res["refusal_score"][li, ci, len(names) + vi * K:len(names) + (vi + 1) * K]
-          e = causal.effect_vs_controls(t, ctrl, base, n_boot=500, seed=cfg.seed)
-          sw_rows.append([set_name, n, int(layer), float(coef), e["delta"], e["control_delta"], e["effect"],
-                          e["effect_low"], e["effect_high"], float(res["kl"][li, ci, vi].mean())])
-  tables.append(report_lib.Table("logit_sweep", ["set", "carrier", "layer", "coefficient", "refusal_delta",
-                                                 "control_refusal_delta", "effect_vs_control", "ci95_low", "ci95_high",
-                                                 "kl"], sw_rows,
-                                 caption="Add c x carrier at resid_pre of one layer (c in units of the carrier's own "
-                                 "norm); controls: matched random directions of the same norm. Refusal deltas in "
-                                 "nats of refusal log-odds at the last prompt token."))
-  for set_name, res in sweeps_.items():
-    ci = 0
-    coef = float(res["coefficients"][ci])
-    ser, err = {}, {}
-    for vi, n in enumerate(names):
-      d = res["refusal_score"][:, ci, vi].mean(-1) - res["clean_refusal_score"].mean()
-      ctrl = res["refusal_score"][:, ci, len(names) + vi * K:len(names) + (vi + 1) * K].mean(-1)
-      ctrl = ctrl - res["clean_refusal_score"].mean()
-      ser[n], ser[f"{n} controls"] = d, ctrl.mean(-1)
-      err[f"{n} controls"] = np.stack([ctrl.mean(-1) - ctrl.min(-1), ctrl.max(-1) - ctrl.mean(-1)])
-    figs.append(report_lib.Figure(f"sweep_{set_name}", charts.line_chart(
-      res["layers"], ser, errors=err, xlabel="layer", ylabel="refusal score change (nats)",
-      title=f"{set_name} prompts: add {coef:+g} x carrier vs matched controls"),
-      "Bands on controls: min..max over control seeds"))
-  # Ablation per layer (selection scores) vs random-direction ablations.
-  cands = {n: cs[n].meta.get("selection", {}).get("candidates", []) for n in names}
-  if abl_ctrl is not None and all(cands.values()) and cands:
-    x = [c["layer"] for c in next(iter(cands.values()))]
-    ser = {n: np.array([c["ablation_refusal"] for c in v]) for n, v in cands.items()}
-    ser["random directions (mean)"] = np.full(len(x), float(abl_ctrl["refusal_score"].mean()))
-    figs.append(report_lib.Figure("ablation_per_layer", charts.line_chart(
-      x, ser, xlabel="source layer of the ablated direction", ylabel="refusal score (nats), harmful val",
-      title="Directional ablation at every layer"), f"clean: {float(abl_ctrl['clean_refusal_score'].mean()):.2f}"))
-  # Generation cells.
-  erow = []
-  for r in effects:
-    a, s = r["rate"], r["score"]
-    u = r["substantive"]
-    erow.append([r["set"], r["cell"], r["carrier"], r["kind"], r["coefficient"], r["layer"], r["outcome"],
-                 a["baseline"], a["treated"], a["control_mean"], a["effect"], a["effect_low"], a["effect_high"],
-                 a["exceeds_all_controls"], u["baseline"], u["treated"], u["control_mean"], u["effect"],
-                 u["effect_low"], u["effect_high"], s["delta"], s["control_delta"], s["effect"], s["effect_low"],
-                 s["effect_high"], a["n_prompts"]])
-  tables.append(report_lib.Table("causal_generation", [
-    "set", "cell", "carrier", "kind", "coefficient", "layer", "outcome", "baseline_rate", "rate", "control_rate",
-    "effect_vs_control", "ci95_low", "ci95_high", "exceeds_all_controls", "baseline_substantive_answer",
-    "substantive_answer", "control_substantive_answer", "substantive_effect", "substantive_ci95_low",
-    "substantive_ci95_high", "score_delta", "control_score_delta", "score_effect", "score_ci95_low",
-    "score_ci95_high", "n"], erow,
-    caption=f"Greedy {cfg.max_new_tokens}-token generations under each intervention (ablate: the selected layer's "
-    "direction projected out of every layer and site; add: c x carrier at resid_pre of its add_cell_layer, every "
-    f"position). Controls: {K} matched random directions. Outcome on harmful prompts: attack success "
-    "(not judged a refusal); on harmless prompts: refusal. substantive_answer: not a refusal and >= 5 words (drops "
-    "the empty/garbled text a broken model emits). Intervals: paired bootstrap over prompts."))
-  if effects:
-    hs = [r for r in effects if r["set"] == "harmful"]
-    figs.append(report_lib.Figure("attack_success", charts.bar_chart(
-      ["baseline"] + [r["cell"] for r in hs] + [r["cell"] + " ctrl" for r in hs],
-      [hs[0]["rate"]["baseline"]] + [r["rate"]["treated"] for r in hs] + [r["rate"]["control_mean"] for r in hs],
-      title="Attack success on held-out harmful prompts", ylabel="attack success rate"),
-      "Carrier interventions and their matched random controls"))
-  srows = []
-  for s in sides:
-    srows.append([s["intervention"], s["refusal_carrier"], s["asr_refusal"], s["asr_harmfulness"],
-                  s["asr_diff"]["diff"], s["asr_diff"]["low"], s["asr_diff"]["high"], s["score_drop_diff"]["diff"],
-                  s["score_drop_diff"]["low"], s["score_drop_diff"]["high"]])
-    key = f"refusal_side_minus_harm_side/{s['refusal_carrier']}/{s['intervention']}"
-    summary[key + "/asr"] = s["asr_diff"]["diff"]
-    summary[key + "/score_drop"] = s["score_drop_diff"]["diff"]
-  tables.append(report_lib.Table("refusal_vs_harmfulness_side", [
-    "intervention", "refusal_carrier", "asr_refusal_side", "asr_harmfulness_side", "asr_diff", "ci95_low",
-    "ci95_high", "refusal_score_drop_diff(nats)", "ci95_low", "ci95_high"], srows,
-    caption="The paper's validation finding: does intervening on the refusal carrier reopen attack success more than "
-    "on the harmfulness carrier? Paired over the same held-out harmful prompts."))
-  # Diagnostics.
-  if diag is not None:
-    tables.append(report_lib.Table("diagnostics", ["diagnostic", "measure", "value", "ci95_low", "ci95_high", "n",
-                                                   "goal"], diag["rows"],
-                                   caption="Greedy generations judged by refusal substrings; 95% Wilson intervals. "
-                                   "qa_*: likelihood of fixed reference answers "
-                                   "(lvs_jax.geometry.diagnostics.BENIGN_QA)."))
-    for r in diag["rows"]:
-      summary[f"diag/{r[1]}"] = r[2]
-    rates = [r for r in diag["rows"] if r[3] is not None]
-    figs.append(report_lib.Figure("diagnostics", charts.bar_chart(
-      [r[1] for r in rates], [r[2] for r in rates],
-      errors=np.clip(np.array([[r[2] - r[3] for r in rates], [r[4] - r[2] for r in rates]]), 0, None),
-      title="Behavioral diagnostics",
-      ylabel="rate"), "95% Wilson intervals"))
-  notes = (
-    f"Model {model_name}. Carriers: resid_pre diff-in-means (float64 accumulation) over a pool of "
-    f"{summary['pool_size']} prompts, of which {summary['pool_refused']} were refused in greedy "
-    f"{cfg.max_new_tokens}-token generations ({labelling['by_set']}). "
-    + ("No behavioral refusal carrier: too few refused prompts. " if carriers.REFUSAL not in cs else "")
-    + "Harmfulness at t_inst (harmful vs harmless); refusal at t_post_inst (refused vs complied over the whole "
-    "pool); refusal_hh at t_post_inst (harmful vs harmless, Arditi et al.). Layer selection: refusal_direction's "
-    f"filters on {cfg.n_val} harmful_val / harmless_val prompts. Causal generation cells run on held-out harmful "
-    f"prompts ({cfg.eval_harmful}, minus the pool) and harmless_val rows not used for selection. The judge is the "
-    "substring refusal judge: attack success means 'no refusal phrase', not 'harmful content'."
-  )
-  return report_lib.Section(key="geometry", title="Safety geometry: harmfulness and refusal carriers",
-                            summary=summary, tables=tables, figures=figs, headlines=headlines,
-                            examples=(diag or {}).get("examples", []), notes=notes)
-
-
 # ----------------------------------------------------------------------------- run
 
 
@@ -790,7 +590,7 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
   t0 = time.time()
   diag = run_diagnostics(model, sets, cfg, d) if cfg.diagnostics else None
   logging.info("diagnostics: %.1f s", time.time() - t0)
-  section = geometry_section(model_name or getattr(model, "name", ""), cs, labelling, coup, sub, sw, abl_ctrl,
-                             effects, sides, diag, cfg, gen_layers)
+  section = geometry_section.geometry_section(model_name or getattr(model, "name", ""), cs, labelling, coup, sub,
+                                              sw, abl_ctrl, effects, sides, diag, cfg, gen_layers)
   _atomic_json(os.path.join(d, "summary.json"), dict(summary=section.summary, effects=effects, sides=sides))
   return section
