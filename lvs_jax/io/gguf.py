@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lvs_jax.core.config import ConfigError, ModelConfig, RopeScaling
-from lvs_jax.core.model import LayerParams, Params, check_params
+from lvs_jax.core.model import Params, check_params
 from lvs_jax.core.tokenizer import LoadedModel, Tokenizer
+from lvs_jax.io import layout
 
 Q = gguf.GGMLQuantizationType
 
@@ -314,30 +315,25 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
 # ----------------------------------------------------------------------------- weights
 
 
+# GGUF tensor names -> (Params field, n_in); see `lvs_jax.io.layout` (GGUF `ne` is the reverse of the
+# torch shape, `dequantize` returns the torch layout).
+GGUF_TOP: layout.Table = {"token_embd.weight": ("embed", None), "output_norm.weight": ("final_norm", 0),
+                          "output.weight": ("lm_head", 1)}
+GGUF_LAYER: layout.Table = {
+  "attn_norm.weight": ("attn_norm", 0), "attn_q.weight": ("wq", 1), "attn_k.weight": ("wk", 1),
+  "attn_v.weight": ("wv", 1), "attn_output.weight": ("wo", 2), "ffn_norm.weight": ("mlp_norm", 0),
+  "ffn_gate.weight": ("w_gate", 1), "ffn_up.weight": ("w_up", 1), "ffn_down.weight": ("w_down", 1),
+  "attn_q.bias": ("bq", 0), "attn_k.bias": ("bk", 0), "attn_v.bias": ("bv", 0),
+}
+
+
+def _gguf_prefix(i: int) -> str:
+  return f"blk.{i}."
+
+
 def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """GGUF tensor name -> numpy shape (torch layout, reverse of ne) that `cfg` implies."""
-  D, H, K, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
-  out = {"token_embd.weight": (V, D), "output_norm.weight": (D,)}
-  if not cfg.tie_embeddings:
-    out["output.weight"] = (V, D)
-  for i in range(cfg.n_layers):
-    b = f"blk.{i}."
-    out.update(
-      {
-        b + "attn_norm.weight": (D,),
-        b + "attn_q.weight": (H * Dh, D),
-        b + "attn_k.weight": (K * Dh, D),
-        b + "attn_v.weight": (K * Dh, D),
-        b + "attn_output.weight": (D, H * Dh),
-        b + "ffn_norm.weight": (D,),
-        b + "ffn_gate.weight": (F, D),
-        b + "ffn_up.weight": (F, D),
-        b + "ffn_down.weight": (D, F),
-      }
-    )
-    if cfg.qkv_bias:
-      out.update({b + "attn_q.bias": (H * Dh,), b + "attn_k.bias": (K * Dh,), b + "attn_v.bias": (K * Dh,)})
-  return out
+  """GGUF tensor name -> numpy shape (torch layout, reverse of ne) that `cfg` implies (from `abstract_params`)."""
+  return layout.expected_shapes(cfg, GGUF_TOP, GGUF_LAYER, _gguf_prefix)
 
 
 def _check_tensors(gf: GGUFFile, cfg: ModelConfig) -> None:
@@ -362,59 +358,16 @@ def _check_tensors(gf: GGUFFile, cfg: ModelConfig) -> None:
 def params_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype=jnp.float32) -> Params:
   """Dequantizes every weight into stacked `Params` (`x @ w` layout) of `dtype`."""
   _check_tensors(gf, cfg)
-  np_dtype = jnp.dtype(dtype)  # numpy-compatible (bfloat16 via ml_dtypes)
-  L, D, H, K, Dh, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-  permuted = ARCHS[gf.arch].permuted_qk
+  # llama.cpp permutes the q/k rows of Llama-family checkpoints: heads per permuted tensor.
+  heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads} if ARCHS[gf.arch].permuted_qk else {}
 
   def get(name):
-    return dequantize(gf.tensors[name], gf.path)
+    w = dequantize(gf.tensors[name], gf.path)
+    parts = name.split(".")
+    n = heads.get(parts[2]) if parts[0] == "blk" else None
+    return w if n is None else unpermute_qk_rows(w, n)
 
-  shapes = dict(
-    attn_norm=(L, D),
-    wq=(L, D, H, Dh),
-    wk=(L, D, K, Dh),
-    wv=(L, D, K, Dh),
-    wo=(L, H, Dh, D),
-    mlp_norm=(L, D),
-    w_gate=(L, D, F),
-    w_up=(L, D, F),
-    w_down=(L, F, D),
-  )
-  if cfg.qkv_bias:
-    shapes.update(bq=(L, H, Dh), bk=(L, K, Dh), bv=(L, K, Dh))
-  buf = {k: np.empty(s, np_dtype) for k, s in shapes.items()}
-  for i in range(L):
-    b = f"blk.{i}."
-    wq, wk = get(b + "attn_q.weight"), get(b + "attn_k.weight")  # [H*Dh, D], [K*Dh, D]
-    if permuted:
-      wq, wk = unpermute_qk_rows(wq, H), unpermute_qk_rows(wk, K)
-    buf["wq"][i] = wq.T.reshape(D, H, Dh)
-    buf["wk"][i] = wk.T.reshape(D, K, Dh)
-    buf["wv"][i] = get(b + "attn_v.weight").T.reshape(D, K, Dh)
-    buf["wo"][i] = get(b + "attn_output.weight").T.reshape(H, Dh, D)
-    buf["attn_norm"][i] = get(b + "attn_norm.weight")
-    buf["mlp_norm"][i] = get(b + "ffn_norm.weight")
-    buf["w_gate"][i] = get(b + "ffn_gate.weight").T
-    buf["w_up"][i] = get(b + "ffn_up.weight").T
-    buf["w_down"][i] = get(b + "ffn_down.weight").T
-    if cfg.qkv_bias:
-      bq, bk = get(b + "attn_q.bias"), get(b + "attn_k.bias")
-      if permuted:
-        bq, bk = unpermute_qk_rows(bq, H), unpermute_qk_rows(bk, K)
-      buf["bq"][i] = bq.reshape(H, Dh)
-      buf["bk"][i] = bk.reshape(K, Dh)
-      buf["bv"][i] = get(b + "attn_v.bias").reshape(K, Dh)
-
-  layers = LayerParams(**{k: jnp.asarray(v) for k, v in buf.items()})
-  lm_head = None
-  if not cfg.tie_embeddings:
-    lm_head = jnp.asarray(get("output.weight").T.astype(np_dtype))
-  params = Params(
-    embed=jnp.asarray(get("token_embd.weight").astype(np_dtype)),
-    layers=layers,
-    final_norm=jnp.asarray(get("output_norm.weight").astype(np_dtype)),
-    lm_head=lm_head,
-  )
+  params = layout.read_params(cfg, dtype, GGUF_TOP, GGUF_LAYER, _gguf_prefix, get)
   check_params(params, cfg, where=gf.path)
   return params
 

@@ -13,13 +13,13 @@ import json
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lvs_jax.core.config import ModelConfig, load_hf_config
-from lvs_jax.core.model import LayerParams, Params, check_params
+from lvs_jax.core.model import Params, check_params
 from lvs_jax.core.tokenizer import LoadedModel, Tokenizer
+from lvs_jax.io import layout
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -149,36 +149,25 @@ class _TensorSource:
         return np.asarray(g.get_tensor(name))
 
 
+# HF (transformers Llama/Qwen2) tensor names -> (Params field, n_in); see `lvs_jax.io.layout`.
+HF_TOP: layout.Table = {"model.embed_tokens.weight": ("embed", None), "model.norm.weight": ("final_norm", 0),
+                        "lm_head.weight": ("lm_head", 1)}
+HF_LAYER: layout.Table = {
+  "input_layernorm.weight": ("attn_norm", 0), "post_attention_layernorm.weight": ("mlp_norm", 0),
+  "self_attn.q_proj.weight": ("wq", 1), "self_attn.k_proj.weight": ("wk", 1), "self_attn.v_proj.weight": ("wv", 1),
+  "self_attn.o_proj.weight": ("wo", 2), "mlp.gate_proj.weight": ("w_gate", 1), "mlp.up_proj.weight": ("w_up", 1),
+  "mlp.down_proj.weight": ("w_down", 1), "self_attn.q_proj.bias": ("bq", 0), "self_attn.k_proj.bias": ("bk", 0),
+  "self_attn.v_proj.bias": ("bv", 0),
+}
+
+
+def _hf_prefix(i: int) -> str:
+  return f"model.layers.{i}."
+
+
 def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """HF tensor name -> shape (torch `[out, in]` layout) that `cfg` implies."""
-  D, H, K, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
-  out = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-  if not cfg.tie_embeddings:
-    out["lm_head.weight"] = (V, D)
-  for i in range(cfg.n_layers):
-    p = f"model.layers.{i}."
-    out.update(
-      {
-        p + "input_layernorm.weight": (D,),
-        p + "post_attention_layernorm.weight": (D,),
-        p + "self_attn.q_proj.weight": (H * Dh, D),
-        p + "self_attn.k_proj.weight": (K * Dh, D),
-        p + "self_attn.v_proj.weight": (K * Dh, D),
-        p + "self_attn.o_proj.weight": (D, H * Dh),
-        p + "mlp.gate_proj.weight": (F, D),
-        p + "mlp.up_proj.weight": (F, D),
-        p + "mlp.down_proj.weight": (D, F),
-      }
-    )
-    if cfg.qkv_bias:
-      out.update(
-        {
-          p + "self_attn.q_proj.bias": (H * Dh,),
-          p + "self_attn.k_proj.bias": (K * Dh,),
-          p + "self_attn.v_proj.bias": (K * Dh,),
-        }
-      )
-  return out
+  """HF tensor name -> shape (torch `[out, in]` layout) that `cfg` implies (from `abstract_params`)."""
+  return layout.expected_shapes(cfg, HF_TOP, HF_LAYER, _hf_prefix)
 
 
 def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32) -> Params:
@@ -186,8 +175,6 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32)
   path = os.fspath(path)
   files = _weight_files(path)
   want = hf_tensor_shapes(cfg)
-  np_dtype = jnp.dtype(dtype)
-  L, D, H, K, Dh, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
   with contextlib.ExitStack() as stack:
     src = _TensorSource(files, stack)
     problems = []
@@ -212,44 +199,7 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32)
     if problems:
       raise CheckpointError(f"{path}: weights do not match config.json:\n  " + "\n  ".join(problems))
 
-    def get(name):
-      return src.get(name).astype(np.float32)
-
-    shapes = dict(
-      attn_norm=(L, D),
-      wq=(L, D, H, Dh),
-      wk=(L, D, K, Dh),
-      wv=(L, D, K, Dh),
-      wo=(L, H, Dh, D),
-      mlp_norm=(L, D),
-      w_gate=(L, D, F),
-      w_up=(L, D, F),
-      w_down=(L, F, D),
-    )
-    if cfg.qkv_bias:
-      shapes.update(bq=(L, H, Dh), bk=(L, K, Dh), bv=(L, K, Dh))
-    buf = {k: np.empty(s, np_dtype) for k, s in shapes.items()}
-    for i in range(L):
-      p = f"model.layers.{i}."
-      buf["attn_norm"][i] = get(p + "input_layernorm.weight")
-      buf["mlp_norm"][i] = get(p + "post_attention_layernorm.weight")
-      buf["wq"][i] = get(p + "self_attn.q_proj.weight").T.reshape(D, H, Dh)
-      buf["wk"][i] = get(p + "self_attn.k_proj.weight").T.reshape(D, K, Dh)
-      buf["wv"][i] = get(p + "self_attn.v_proj.weight").T.reshape(D, K, Dh)
-      buf["wo"][i] = get(p + "self_attn.o_proj.weight").T.reshape(H, Dh, D)
-      buf["w_gate"][i] = get(p + "mlp.gate_proj.weight").T
-      buf["w_up"][i] = get(p + "mlp.up_proj.weight").T
-      buf["w_down"][i] = get(p + "mlp.down_proj.weight").T
-      if cfg.qkv_bias:
-        buf["bq"][i] = get(p + "self_attn.q_proj.bias").reshape(H, Dh)
-        buf["bk"][i] = get(p + "self_attn.k_proj.bias").reshape(K, Dh)
-        buf["bv"][i] = get(p + "self_attn.v_proj.bias").reshape(K, Dh)
-    params = Params(
-      embed=jnp.asarray(src.get("model.embed_tokens.weight").astype(np_dtype)),
-      layers=LayerParams(**{k: jnp.asarray(v) for k, v in buf.items()}),
-      final_norm=jnp.asarray(src.get("model.norm.weight").astype(np_dtype)),
-      lm_head=None if cfg.tie_embeddings else jnp.asarray(get("lm_head.weight").T.astype(np_dtype)),
-    )
+    params = layout.read_params(cfg, dtype, HF_TOP, HF_LAYER, _hf_prefix, src.get)
   check_params(params, cfg, where=path)
   return params
 
@@ -276,40 +226,8 @@ def load_hf_dir(path: str | os.PathLike, dtype=jnp.float32, *, tokenizer: bool =
 def params_to_hf_tensors(params: Params, cfg: ModelConfig, dtype=None) -> dict[str, np.ndarray]:
   """`Params` -> HF-named numpy tensors in torch layout (dtype: the params' dtype by default)."""
   check_params(params, cfg, where="save_hf_dir")
-  np_dtype = jnp.dtype(dtype) if dtype is not None else None
-  L, D, H, K, Dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  return layout.write_tensors(params, cfg, HF_TOP, HF_LAYER, _hf_prefix, dtype)
 
-  def arr(x):
-    x = np.asarray(jax.device_get(x))
-    return np.ascontiguousarray(x.astype(np_dtype) if np_dtype is not None else x)
-
-  lp = params.layers
-  out = {"model.embed_tokens.weight": arr(params.embed), "model.norm.weight": arr(params.final_norm)}
-  if params.lm_head is not None and not cfg.tie_embeddings:
-    out["lm_head.weight"] = arr(params.lm_head).T
-  layers = {
-    k: arr(getattr(lp, k))
-    for k in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
-  }
-  for k in ("bq", "bk", "bv"):
-    if getattr(lp, k) is not None:
-      layers[k] = arr(getattr(lp, k))
-  for i in range(L):
-    p = f"model.layers.{i}."
-    out[p + "input_layernorm.weight"] = layers["attn_norm"][i]
-    out[p + "post_attention_layernorm.weight"] = layers["mlp_norm"][i]
-    out[p + "self_attn.q_proj.weight"] = layers["wq"][i].reshape(D, H * Dh).T
-    out[p + "self_attn.k_proj.weight"] = layers["wk"][i].reshape(D, K * Dh).T
-    out[p + "self_attn.v_proj.weight"] = layers["wv"][i].reshape(D, K * Dh).T
-    out[p + "self_attn.o_proj.weight"] = layers["wo"][i].reshape(H * Dh, D).T
-    out[p + "mlp.gate_proj.weight"] = layers["w_gate"][i].T
-    out[p + "mlp.up_proj.weight"] = layers["w_up"][i].T
-    out[p + "mlp.down_proj.weight"] = layers["w_down"][i].T
-    if "bq" in layers:
-      out[p + "self_attn.q_proj.bias"] = layers["bq"][i].reshape(H * Dh)
-      out[p + "self_attn.k_proj.bias"] = layers["bk"][i].reshape(K * Dh)
-      out[p + "self_attn.v_proj.bias"] = layers["bv"][i].reshape(K * Dh)
-  return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 def save_hf_dir(
