@@ -15,7 +15,7 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -25,11 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from lvs_jax.core import batching
 from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import generate as gen
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.tokenizer import LoadedModel, PromptError
 from lvs_jax.evals import judges, stats
+from lvs_jax.io import files, keys
 from lvs_jax.report import charts
 from lvs_jax.report import store as report_lib
 
@@ -59,46 +61,36 @@ class SetResult:
     return stats.wilson_interval(self.n_refused, self.n)
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  out = []
-  if not os.path.exists(path):
-    return out
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f):
-      if not line.strip():
-        continue
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        # A line cut by a kill mid-write: drop it and everything after; those prompts rerun.
-        print(f"{path}: line {i + 1} is incomplete; regenerating from there")
-        break
-  return out
+def generation_key(model: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int, prefixes,
+                   edit: edit_lib.Edit | None = None) -> dict:
+  """The parts that decide a generations file (`io.keys`): model, prompts, generation and judge settings."""
+  return dict(model=keys.model_parts(model), prompts=list(prompts), edit=keys.edit_parts(edit),
+              config=dict(max_new_tokens=int(max_new_tokens), prefixes=prefixes, chat=True, decoding="greedy"))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def last_token_refusal(params, cfg, tokens, mask, edit, refusal_ids) -> jax.Array:
+  """Logit refusal score [B] (nats; `judges.refusal_score`) at the last slot of left-padded prompts
+  tokens, mask [B, T] under `edit` (a traced argument: one compilation per edit structure and shape)."""
+  last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
+  logits = model_lib.forward(params, tokens, cfg, attention_mask=mask, edit=edit, logits_positions=last).logits
+  return judges.refusal_score(logits[:, 0], refusal_ids)
 
 
 def refusal_scores(
-  model: LoadedModel, prompts: Sequence[str], *, batch_size: int = 16, edit: edit_lib.Edit | None = None,
-  chat: bool = True,
+  model: LoadedModel, prompts: Sequence[str], refusal_ids=None, *, batch_size: int = 16,
+  edit: edit_lib.Edit | None = None, chat: bool = True,
 ) -> np.ndarray:
-  """Logit refusal score [N] (nats) of each prompt at its last (chat-formatted) prompt token."""
+  """Logit refusal score [N] (nats) of each prompt at its last (chat-formatted) prompt token, under
+  `edit`. refusal_ids: the refusal-start tokens (default `judges.refusal_token_ids`)."""
   tok = model.tokenizer
-  ids = jnp.asarray(judges.refusal_token_ids(tok))
-
-  @jax.jit
-  def score(params, tokens, mask):
-    last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
-    logits = model_lib.forward(params, tokens, model.cfg, attention_mask=mask, edit=edit,
-                               logits_positions=last).logits[:, 0]
-    return judges.refusal_score(logits, ids)
-
-  out = []
+  ids = jnp.asarray(judges.refusal_token_ids(tok) if refusal_ids is None else refusal_ids)
   texts = [tok.format_chat(p) if chat else p for p in prompts]
-  for b0 in range(0, len(texts), batch_size):
-    chunk = texts[b0:b0 + batch_size]
-    n = len(chunk)
-    chunk = chunk + [chunk[-1]] * (min(batch_size, len(texts)) - n)
+  out = []
+  for chunk, n in batching.pad_batches(texts, batch_size):
     tokens, mask = tok.batch(chunk, pad_to_multiple=16)
-    out.append(np.asarray(score(model.params, jnp.asarray(tokens), jnp.asarray(mask)))[:n])
+    out.append(np.asarray(last_token_refusal(model.params, model.cfg, jnp.asarray(tokens), jnp.asarray(mask), edit,
+                                             ids))[:n])
   return np.concatenate(out)
 
 
@@ -116,13 +108,18 @@ def evaluate_refusal(
 ) -> SetResult:
   """Greedy-generates a completion for every prompt, judges refusal by substring, scores logits.
 
-  cache_path: a JSONL file of finished records; existing rows (for the same prompts in the same
-  order) are reused and new rows appended after every batch, so a killed run loses one batch at most.
+  cache_path: a JSONL file of finished records; existing rows are reused and new rows appended after
+  every batch, so a killed run loses one batch at most. The file is keyed (`io.keys`, kind
+  "generations") by the model, the prompts, max_new_tokens, the judge and the edit: a file written
+  by anything else is moved aside and regenerated, never reused.
   """
   prompts = list(prompts)
   if not prompts:
     raise PromptError(f"evaluate_refusal({name!r}): empty prompt set")
-  records = _read_jsonl(cache_path) if cache_path else []
+  records = []
+  if cache_path and keys.claim(cache_path, "generations", **generation_key(
+      model, prompts, max_new_tokens=max_new_tokens, prefixes=prefixes, edit=edit)):
+    records = files.read_jsonl(cache_path)
   for i, r in enumerate(records):
     if i >= len(prompts) or r.get("prompt") != prompts[i]:
       raise ValueError(
@@ -141,9 +138,7 @@ def evaluate_refusal(
     ]
     records.extend(new)
     if cache_path:
-      with open(cache_path, "a", encoding="utf-8") as f:
-        for r in new:
-          f.write(json.dumps(r) + "\n")
+      files.append_jsonl(cache_path, new)
   scores = refusal_scores(model, prompts, batch_size=batch_size, edit=edit)
   for r, s in zip(records, scores):
     r["refusal_score"] = float(s)

@@ -22,6 +22,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from lvs_jax.evals import behavior, judges
+from lvs_jax.io import files, keys
 from lvs_jax.lvs import attack as lvs
 from lvs_jax.lvs import sweeps
 from lvs_jax.report import charts
@@ -84,13 +85,6 @@ def load_targets(cfg):
   return list(ps), list(ps.targets or [cfg.target] * len(ps))
 
 
-def _atomic_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
-
-
 def _batches(n: int, size: int):
   return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
@@ -99,11 +93,26 @@ def _pad_rows(rows, size):
   return rows + [rows[-1]] * (size - len(rows))
 
 
+def sweep_key(model, prompts, targets, cfg) -> dict:
+  """What decides `sweep.npz` (`io.keys`, kind "sweep")."""
+  return dict(model=keys.model_parts(model), prompts=list(prompts), targets=list(targets),
+              config=dict(seed=cfg.seed, magnitudes=list(cfg.sweep_magnitudes), directions=cfg.sweep_directions))
+
+
+def pgd_cell_key(model_key: dict, prompts, targets, cfg, layer: int, radius: float) -> dict:
+  """What decides one PGD cell (`io.keys`, kind "pgd_cell"): the model (`keys.model_parts`), prompts,
+  targets, the cell, every attack setting, the generation that judges success and the judge."""
+  attack = {k: cfg[k] for k in ("norm", "scope", "steps", "step_size", "optimizer", "loss", "random_start",
+                                "success_loss", "seed", "batch_size")}
+  return dict(model=model_key, prompts=list(prompts), targets=list(targets),
+              config=dict(layer=int(layer), radius=float(radius), attack=attack, max_new_tokens=cfg.max_new_tokens,
+                          judge_prefixes=cfg.judge_prefixes))
+
+
 def run_sweep(model, prompts, targets, cfg, path: str) -> dict:
-  """The perturbation sweep over every layer (cached in `path`)."""
-  if os.path.exists(path):
-    with np.load(path) as z:
-      return {k: z[k] for k in z.files}
+  """The perturbation sweep over every layer (cached in `path`, keyed by `sweep_key`)."""
+  if keys.claim(path, "sweep", **sweep_key(model, prompts, targets, cfg)):
+    return files.load_npz(path)
   ids = jnp.asarray(judges.refusal_token_ids(model.tokenizer))
   dirs = sweeps.random_directions(jax.random.key(cfg.seed), cfg.sweep_directions, model.cfg.d_model)
   dirs = sweeps.with_negatives(dirs)
@@ -117,7 +126,7 @@ def run_sweep(model, prompts, targets, cfg, path: str) -> dict:
     parts.append({k: np.asarray(v)[..., :len(rows)] for k, v in res.items()})
   out = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
   out["magnitudes"] = np.asarray(mags)
-  np.savez(path, **out)
+  files.atomic_savez(path, **out)
   return out
 
 
@@ -132,17 +141,16 @@ def run_cells(model, prompts, targets, cfg, cell_dir: str) -> dict:
   batches = [(rows, sweeps.make_batch(model.tokenizer, [prompts[i] for i in _pad_rows(rows, size)],
                                       [targets[i] for i in _pad_rows(rows, size)]))
              for rows in _batches(len(prompts), size)]
-  cells = {}
+  cells, model_key = {}, keys.model_parts(model)
   todo = [(layer, ri) for layer in cfg.layers for ri in range(len(cfg.radii))]
   for layer, ri in tqdm(todo, desc="lvs cells"):
     path = os.path.join(cell_dir, f"l{layer}_r{ri}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        rec = json.load(f)
-      if rec.get("prompts") == list(prompts) and rec.get("radius") == cfg.radii[ri]:
-        cells[(layer, ri)] = rec
-        continue
-      logging.warning("%s is for other prompts or radius; recomputing", path)
+    # Reused only when model, prompts, targets, attack, generation and judge all match (not just
+    # prompts and radius): anything else is moved aside and recomputed.
+    if keys.claim(path, "pgd_cell", **pgd_cell_key(model_key, prompts, targets, cfg, layer, cfg.radii[ri])):
+      with open(path, encoding="utf-8") as f:
+        cells[(layer, ri)] = json.load(f)
+      continue
     t0 = time.time()
     loss, loss_ok, completions = [], [], []
     cell_key = jax.random.fold_in(jax.random.key(cfg.seed), layer * 1000 + ri)
@@ -158,7 +166,7 @@ def run_cells(model, prompts, targets, cfg, cell_dir: str) -> dict:
                loss_success=[bool(x) for x in loss_ok], success=judged["success"].tolist(),
                target_match=judged["target_match"].tolist(), completions=completions,
                seconds=time.time() - t0)
-    _atomic_json(path, rec)
+    files.atomic_write_json(path, rec)
     cells[(layer, ri)] = rec
   return cells
 
@@ -277,6 +285,5 @@ def run(model, prompts, targets, cfg, workdir: str) -> report_lib.Section:
   rp, rt = [prompts[i] for i in refused], [targets[i] for i in refused]
   cells = run_cells(model, rp, rt, cfg, os.path.join(d, "cells"))
   summary = summarize(cells, cfg.layers, cfg.radii, seed=cfg.seed)
-  with open(os.path.join(d, "summary.json"), "w") as f:
-    json.dump(report_lib.to_jsonable(summary), f)
+  files.atomic_write_json(os.path.join(d, "summary.json"), summary)
   return lvs_section(summary, sweep, len(prompts), n_refused, len(refused), cfg)
