@@ -42,7 +42,6 @@ import math
 import os
 import re
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,9 @@ matplotlib.use("Agg")
 import matplotlib.figure as mpl_figure  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from lvs_jax.io import files  # noqa: E402
+from lvs_jax.io.files import to_jsonable  # noqa: E402
 
 try:
   import fcntl
@@ -153,27 +155,7 @@ class Section:
 # --- JSON conversion -----------------------------------------------------------------------------
 
 
-def to_jsonable(x: Any, where: str = "value") -> Any:
-  """Converts `x` to strict-JSON-able Python: numpy/jax scalars and arrays become Python values,
-  tuples lists, Paths strings, and non-finite floats None. Raises TypeError (naming `where`) otherwise.
-  """
-  if x is None or isinstance(x, (bool, str)):
-    return x
-  if isinstance(x, int):
-    return int(x)
-  if isinstance(x, float):
-    return float(x) if math.isfinite(x) else None
-  if isinstance(x, np.generic):
-    return to_jsonable(x.item(), where)
-  if isinstance(x, os.PathLike):
-    return os.fspath(x)
-  if isinstance(x, Mapping):
-    return {str(k): to_jsonable(v, f"{where}[{k!r}]") for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(x)]
-  if isinstance(x, np.ndarray) or hasattr(x, "__array__"):  # jax.Array without importing jax
-    return to_jsonable(np.asarray(x).tolist(), where)
-  raise TypeError(f"{where}: cannot store {type(x).__name__} in report.json")
+# to_jsonable: one copy, in lvs_jax.io.files (imported above).
 
 
 def _json_dumps(obj: Any) -> str:
@@ -184,22 +166,7 @@ def _json_dumps(obj: Any) -> str:
 # --- Files ------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-  """Writes `data` to a temp file next to `path`, then renames it over `path`."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-  # os.open with 0o666 honours the umask (tempfile.mkstemp would leave the outputs at 0600).
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
+_atomic_write = files.atomic_write_bytes  # temp file next to the target, fsync, rename
 
 
 @contextlib.contextmanager
