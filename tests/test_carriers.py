@@ -266,12 +266,34 @@ def test_zero_carriers_are_never_selected():
   scores = dict(layers=np.arange(6), ablation_refusal=np.array([3.0, -1, -2, -1, -1, -1]),
                 ablation_kl=np.array([0.001, 0.5, 0.6, 0.7, 0.8, 0.9]),
                 steering_refusal=np.array([-4.0, -3, -3, -3, -3, -3]),
-                norms=np.array([0.0, 5.0, 6.0, 7.0, 8.0, 9.0]))
+                norms=np.array([1e-5, 5.0, 6.0, 7.0, 8.0, 9.0]), scale=np.full(6, 1.0))
   sel = carriers.select_layer(scores, n_layers=6)
   assert sel["layer"] is None and "zero carrier" in sel["candidates"][0]["discarded"]
   assert carriers.fallback_layer(scores, n_layers=6) == (1, "min_kl")  # not layer 0's "no_steering_filter"
   del scores["norms"]
   assert carriers.fallback_layer(scores, n_layers=6) == (0, "no_steering_filter")
+
+
+def test_one_zero_carrier_rule_relative_to_the_activation_norm():
+  """carriers.zero_carrier is the one definition: selection and coupling flag the same layers. A carrier of
+  1e-5 of the activation norm is zero, one of 1e-3 is not (the old selection rule, 1e-6 of the largest
+  candidate's norm, kept the 1e-5 one when the largest carrier was about the activation norm)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 40, 16)).astype(np.float32)
+  scale = carriers.activation_scale(x)
+  np.testing.assert_allclose(scale, np.linalg.norm(x, axis=-1).mean(-1), rtol=1e-6)
+  direction = np.ones(16) / 4.0
+  car = np.stack([1e-5 * scale[0] * direction, 1e-3 * scale[1] * direction, 1.0 * scale[2] * direction])
+  assert carriers.zero_carrier(np.linalg.norm(car, axis=-1), scale).tolist() == [True, False, False]
+  assert coupling.degenerate_layers(car, x).tolist() == [True, False, False]
+  c = carriers.Carrier("c", car.astype(np.float32), "last", meta=dict(activation_scale=scale.tolist()))
+  scores = dict(layers=np.arange(3), ablation_refusal=np.array([-5.0, -1.0, -1.0]), ablation_kl=np.zeros(3),
+                steering_refusal=np.ones(3), **carriers.zero_check_scores(c, np.arange(3)))
+  sel = carriers.select_layer(scores, n_layers=10)
+  assert sel["layer"] == 1 and "zero carrier" in sel["candidates"][0]["discarded"]
+  # carrier_from_activations records the scale the rule needs.
+  made = carriers.carrier_from_activations("refusal", x[:, :20], x[:, 20:])
+  np.testing.assert_allclose(made.activation_scale, scale, rtol=1e-6)
 
 
 def test_carriers_save_and_load_roundtrip(tmp_path):

@@ -19,9 +19,16 @@ activation `h: [B, T, D]` at that site, with the token axis indexing *sequence s
   ablate    dirs [L, k, D], mask [L, B|1, S|1]
                                 h -= mask * (h @ U^T) @ U        (U = orthonormal rows of dirs)
   scale     [L, B|1, S|1, 1|D]  h *= scale
+  add_shared [B|1, S|1, D], add_layers [L]
+                                h += add_layers[l] * add_shared  (absolute units; one tensor shared by
+                                                                   every layer, so a one-layer edit of
+                                                                   a full [B, S, D] tensor costs
+                                                                   O(B S D), not O(L B S D))
 
-Order within a site: ablate, then scale, then add/add_rel (all computed from the ablated-scaled h;
-add_rel uses ||h|| before any edit). A leaf may be None (that op is absent, decided at trace time).
+Order within a site: ablate, then scale, then add/add_shared/add_rel (all computed from the
+ablated-scaled h; add_rel uses ||h|| before any edit). A leaf may be None (that op is absent, decided
+at trace time). `add_shared` is the one leaf without the leading L axis: the layer loop closes over it
+instead of scanning it (`shared_leaves` / `with_shared`).
 The identity edit (`identity`) has every op present with neutral values: it goes down the same code
 path and reproduces the unedited logits bit for bit.
 
@@ -56,6 +63,8 @@ class SiteEdit:
   ablate_dirs: jax.Array | None = None
   ablate_mask: jax.Array | None = None
   scale: jax.Array | None = None
+  add_shared: jax.Array | None = None
+  add_layers: jax.Array | None = None
 
 
 Edit = Mapping[str, SiteEdit]
@@ -69,14 +78,33 @@ def validate(edit: Edit, n_layers: int) -> None:
       raise ValueError(f"unknown edit site {site!r}; expected one of {SITES}")
     if (se.ablate_dirs is None) != (se.ablate_mask is None):
       raise ValueError(f"edit[{site!r}]: ablate_dirs and ablate_mask must be given together")
+    if (se.add_shared is None) != (se.add_layers is None):
+      raise ValueError(f"edit[{site!r}]: add_shared and add_layers must be given together")
+    if se.add_shared is not None and se.add_shared.ndim != 3:
+      raise ValueError(f"edit[{site!r}].add_shared must be [B|1, S|1, D], got shape {tuple(se.add_shared.shape)}")
     for name, leaf in vars(se).items():
-      if leaf is None:
+      if leaf is None or name == "add_shared":
         continue
       if leaf.ndim == 0 or leaf.shape[0] != n_layers:
         raise ValueError(
           f"edit[{site!r}].{name} must have a leading layer axis of size {n_layers}, "
           f"got shape {tuple(leaf.shape)}"
         )
+
+
+def shared_leaves(edit: Edit | None) -> tuple[Edit | None, dict | None]:
+  """Splits an edit into (the part scanned over layers, {site: add_shared}) for the layer loop."""
+  if edit is None:
+    return None, None
+  scanned = {site: dataclasses.replace(se, add_shared=None) for site, se in edit.items()}
+  return scanned, {site: se.add_shared for site, se in edit.items()}
+
+
+def with_shared(layer_edit: Edit | None, shared: dict | None) -> Edit | None:
+  """One layer's slice of the scanned part, with the shared leaves put back (inverse of shared_leaves)."""
+  if layer_edit is None:
+    return None
+  return {site: dataclasses.replace(se, add_shared=shared[site]) for site, se in layer_edit.items()}
 
 
 def _slots(x: jax.Array, start: jax.Array | int, t: int, axis: int) -> jax.Array:
@@ -111,6 +139,8 @@ def apply_site(h: jax.Array, se: SiteEdit | None, start: jax.Array | int) -> jax
     h = h * _slots(se.scale, start, t, axis=1).astype(dtype)
   if se.add is not None:
     h = h + _slots(se.add, start, t, axis=1).astype(dtype)
+  if se.add_shared is not None:
+    h = h + (se.add_layers * _slots(se.add_shared, start, t, axis=1)).astype(dtype)
   if se.add_rel is not None:
     h = h + (_slots(se.add_rel, start, t, axis=1) * norm).astype(dtype)
   return h
@@ -158,20 +188,44 @@ def add_vector(
   return {site: SiteEdit(add_rel=full) if relative else SiteEdit(add=full)}
 
 
+def add_at_layer(n_layers: int, layer, add: jax.Array, site: str = "resid_pre") -> Edit:
+  """Adds `add` [B|1, S|1, D] (absolute units) at `layer` of `site` only, storing it once (add_shared):
+  O(B S D) memory instead of the O(L B S D) of an `add` leaf with a layer axis. `layer`: an int, a
+  sequence or a traced int."""
+  add = jnp.asarray(add)
+  if add.ndim != 3:
+    raise ValueError(f"add_at_layer: add must be [B|1, S|1, D], got shape {tuple(add.shape)}")
+  return {site: SiteEdit(add_shared=add, add_layers=layer_mask(n_layers, layer).astype(add.dtype))}
+
+
 def ablate_directions(
   n_layers: int, directions: jax.Array, layers=None, sites=SITES,
-  positions: jax.Array | None = None,
+  positions: jax.Array | None = None, per_layer: bool = False,
 ) -> Edit:
-  """Projects the span of `directions` ([D] or [k, D]; need not be orthonormal) out of `sites`.
+  """Projects the span of `directions` out of `sites`: [D] or [k, D] (the same subspace at every layer)
+  or, with per_layer=True, [L, D] or [L, k, D] (layer l's own subspace at layer l). Directions need
+  not be orthonormal.
 
   layers=None ablates at every layer (the refusal-direction recipe ablates at every layer and
   site). `positions`: [B|1, S] 0/1 slot mask, default every position.
   """
-  dirs = orthonormalize(jnp.atleast_2d(jnp.asarray(directions)))
+  d = jnp.asarray(directions)
+  if per_layer:
+    if d.ndim == 2:
+      d = d[:, None, :]
+    if d.ndim != 3 or d.shape[0] != n_layers:
+      raise ValueError(f"ablate_directions(per_layer=True): directions must be [L={n_layers}, D] or "
+                       f"[L, k, D], got shape {tuple(d.shape)}")
+    stacked = orthonormalize(d)
+  else:
+    if d.ndim not in (1, 2):
+      raise ValueError(f"ablate_directions: directions must be [D] or [k, D], got shape {tuple(d.shape)} "
+                       "(per-layer directions need per_layer=True)")
+    dirs = orthonormalize(jnp.atleast_2d(d))
+    stacked = jnp.broadcast_to(dirs[None], (n_layers, *dirs.shape))
   lm = jnp.ones((n_layers,)) if layers is None else layer_mask(n_layers, layers)
   pos = jnp.ones((1, 1)) if positions is None else jnp.asarray(positions, jnp.float32)
   mask = lm[:, None, None] * pos[None]
-  stacked = jnp.broadcast_to(dirs[None], (n_layers, *dirs.shape))
   return {s: SiteEdit(ablate_dirs=stacked, ablate_mask=mask) for s in sites}
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from lvs_jax.core import batching
 from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.config import ModelConfig
@@ -109,6 +110,24 @@ def generate_tokens(
   return buf, lengths
 
 
+def completion_ids(out, lengths, eos_ids: Sequence[int]) -> list[list[int]]:
+  """The token ids of each completion from `generate_tokens`' (new_tokens [B, N], lengths [B]): the
+  first lengths[b] tokens, without the final end-of-sequence token when there is one."""
+  out, lengths = np.asarray(out), np.asarray(lengths)
+  rows = []
+  for r in range(out.shape[0]):
+    row = out[r, :lengths[r]].tolist()
+    if row and row[-1] in eos_ids:
+      row = row[:-1]
+    rows.append(row)
+  return rows
+
+
+def decode_completions(tokenizer, out, lengths) -> list[str]:
+  """Decoded completions [B] from `generate_tokens`' outputs (end-of-sequence token dropped)."""
+  return [tokenizer.decode(r) for r in completion_ids(out, lengths, tokenizer.eos_ids)]
+
+
 @dataclasses.dataclass
 class Generations:
   """Prompts as given, as formatted, the decoded completions and their token ids."""
@@ -124,9 +143,10 @@ def _check_edit_for_batching(edit: edit_lib.Edit | None) -> None:
     return
   for site, se in edit.items():
     for name, leaf in vars(se).items():
-      if leaf is None or name == "ablate_dirs":
+      if leaf is None or name in ("ablate_dirs", "add_layers"):
         continue
-      if leaf.shape[1] != 1 or leaf.shape[2] != 1:
+      b, s = (0, 1) if name == "add_shared" else (1, 2)  # add_shared has no leading layer axis
+      if leaf.shape[b] != 1 or leaf.shape[s] != 1:
         raise ValueError(
           f"generate(): edit[{site!r}].{name} has shape {tuple(leaf.shape)}; the batching layer "
           "needs batch and slot axes of size 1 (same edit for every prompt and position). "
@@ -150,8 +170,9 @@ def generate(
 ) -> Generations:
   """Generates completions for user prompts (chat-formatted with the model's template by default).
 
-  Prompts are processed in batches of `batch_size` (the last batch is padded to the same shape so
-  one compilation serves all), left-padded to a multiple of 16 tokens. temperature == 0 is greedy.
+  Prompts are processed in batches of exactly `batch_size` rows (the last, and a call with fewer
+  prompts, padded by repeating the last prompt: one compilation per prompt-length bucket, whatever
+  the number of prompts), left-padded to a multiple of 16 tokens. temperature == 0 is greedy.
   """
   prompts = list(prompts)
   if not prompts:
@@ -172,11 +193,9 @@ def generate(
       )
   key = jax.random.key(seed)
   completions, ids = [], []
-  starts = range(0, len(formatted), batch_size)
-  for b0 in tqdm(starts, desc="generate", disable=not progress):
-    chunk = formatted[b0:b0 + batch_size]
-    n_real = len(chunk)
-    chunk = chunk + [chunk[-1]] * (min(batch_size, len(formatted)) - n_real)
+  n_batches = -(-len(formatted) // batch_size)
+  for chunk, n_real in tqdm(batching.pad_batches(formatted, batch_size, fixed=True), total=n_batches,
+                            desc="generate", disable=not progress):
     tokens, mask = tok.batch(chunk, max_len=max_len, pad_to_multiple=16)
     key, sub = jax.random.split(key)
     out, lengths = generate_tokens(
@@ -185,11 +204,7 @@ def generate(
       greedy=temperature == 0.0, temperature=max(temperature, 1e-6), top_p=top_p, key=sub,
       edit=edit,
     )
-    out, lengths = np.asarray(out), np.asarray(lengths)
-    for r in range(n_real):
-      row = out[r, : lengths[r]].tolist()
-      if row and row[-1] in tok.eos_ids:
-        row = row[:-1]
-      ids.append(row)
-      completions.append(tok.decode(row))
+    rows = completion_ids(out, lengths, tok.eos_ids)[:n_real]
+    ids.extend(rows)
+    completions.extend(tok.decode(r) for r in rows)
   return Generations(prompts=prompts, formatted=formatted, completions=completions, tokens=ids)

@@ -387,9 +387,11 @@ def scan_layers(
   """
   ck, cv = (None, None) if kv is None else kv
   idx = None if from_layer is None else jnp.arange(cfg.n_layers, dtype=jnp.int32)
+  edit, shared = edit_lib.shared_leaves(edit)  # leaves without an L axis are closed over, not scanned
 
   def body(h, xs):
     i, lp, le, lo, ck, cv = xs
+    le = edit_lib.with_shared(le, shared)
 
     def run(h):
       return block(cfg, ctx, h, lp, le, ck, cv, capture=capture, capture_positions=capture_positions, lora=lo)

@@ -309,7 +309,7 @@ def run_selection(model, cs, sets, cfg, d: str) -> None:
                                            layers=range(0, n_layers, cfg.candidate_layer_stride),
                                            batch_size=cfg.batch_size)
         seconds = time.time() - t0
-      scores["norms"] = np.linalg.norm(np.asarray(c.vectors, np.float64)[np.asarray(scores["layers"])], axis=-1)
+      scores.update(carriers.zero_check_scores(c, scores["layers"]))
       sel = carriers.select_layer(scores, n_layers, scfg)
       sel["rule"] = "refusal_direction"
       if sel["layer"] is None:
@@ -443,7 +443,7 @@ def run_cells(model, cs, controls, ablation_dirs, sets, cfg, d: str, layers: dic
     e = cell_edit(spec, cs, controls, ablation_dirs, model.cfg.n_layers)
     g = gen.generate(model, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, edit=e)
     refused = judges.judge_refusals(g.completions, prefixes=cfg.judge_prefixes)
-    scores = causal.refusal_scores(model, prompts, ids, edit=e, batch_size=cfg.batch_size)
+    scores = behavior.refusal_scores(model, prompts, ids, edit=e, batch_size=cfg.batch_size)
     rec = dict(spec=spec, prompts=prompts, completions=g.completions, refused=refused.tolist(),
                refusal_score=scores.tolist(), seconds=time.time() - t0)
     _atomic_json(path, rec)

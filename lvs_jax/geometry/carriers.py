@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvs_jax.core import batching
+from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.tokenizer import LoadedModel
 from lvs_jax.evals import activations, judges
@@ -99,6 +101,26 @@ def mean_activations(x: np.ndarray, chunk: int = 256) -> np.ndarray:
   return acc.mean
 
 
+ZERO_RTOL = 1e-4
+
+
+def activation_scale(x: np.ndarray) -> np.ndarray:
+  """[L, N, D] activations -> [L] mean L2 norm of a prompt's activation at each layer."""
+  return np.linalg.norm(np.asarray(x, np.float32), axis=-1).mean(-1).astype(np.float64)
+
+
+def zero_carrier(norms: np.ndarray, scale: np.ndarray, rtol: float = ZERO_RTOL) -> np.ndarray:
+  """The one definition of a zero (degenerate) carrier: bool [...] where ||carrier|| <= rtol * scale,
+  scale being the mean activation norm of its prompts at that layer and token (`activation_scale`).
+
+  E.g. layer 0 (the embeddings) at t_post_inst, where every prompt has the same template token: the
+  difference of means is exactly 0 or float rounding (~1e-6 of the activation norm) and its
+  direction is noise. A nan norm counts as zero. Used by candidate selection (`select_layer`) and by
+  `lvs_jax.geometry.coupling` (degenerate layers give nan, not noise).
+  """
+  return ~(np.asarray(norms, np.float64) > rtol * np.asarray(scale, np.float64))
+
+
 def diff_in_means(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
   """mean(pos) - mean(neg) per layer: pos [L, Np, D], neg [L, Nn, D] -> [L, D] float64."""
   if pos.shape[1] == 0 or neg.shape[1] == 0:
@@ -134,6 +156,12 @@ class Carrier:
     return np.linalg.norm(self.vectors.astype(np.float64), axis=-1)
 
   @property
+  def activation_scale(self) -> np.ndarray | None:
+    """[L] mean activation norm of the carrier's prompts (meta["activation_scale"]), or None."""
+    sc = self.meta.get("activation_scale")
+    return None if sc is None else np.asarray(sc, np.float64)
+
+  @property
   def unit(self) -> np.ndarray:
     """[L, D] float32 unit carriers."""
     v = self.vectors.astype(np.float64)
@@ -152,8 +180,10 @@ def carrier_from_activations(name: str, pos: np.ndarray, neg: np.ndarray, *, poo
   if pooling is None:
     raise ValueError(f"carrier {name!r}: give pooling= (one of {activations.POOLINGS})")
   v = diff_in_means(pos, neg).astype(np.float32)
-  return Carrier(name=name, vectors=v, pooling=pooling, site=site, n_pos=int(pos.shape[1]), n_neg=int(neg.shape[1]),
-                 meta=dict(meta or {}))
+  n_pos, n_neg = int(pos.shape[1]), int(neg.shape[1])
+  scale = (activation_scale(pos) * n_pos + activation_scale(neg) * n_neg) / (n_pos + n_neg)
+  return Carrier(name=name, vectors=v, pooling=pooling, site=site, n_pos=n_pos, n_neg=n_neg,
+                 meta=dict(meta or {}, activation_scale=scale.tolist()))
 
 
 def compute_carrier(model: LoadedModel, name: str, pos_prompts: Sequence[str], neg_prompts: Sequence[str], *,
@@ -161,16 +191,18 @@ def compute_carrier(model: LoadedModel, name: str, pos_prompts: Sequence[str], n
                     meta: Mapping | None = None) -> Carrier:
   """Streams activations of both prompt sets through MeanAccumulators -> Carrier (memory O(L * D))."""
   pooling = pooling or POOLING[name]
-  means = []
+  means, norms = [], MeanAccumulator()
   for prompts in (pos_prompts, neg_prompts):
     acc = MeanAccumulator()
     prompts = list(prompts)
     for i in range(0, len(prompts), 256):
-      acc.update(activations.collect(model, prompts[i:i + 256], pooling=pooling, site=site, batch_size=batch_size))
+      x = activations.collect(model, prompts[i:i + 256], pooling=pooling, site=site, batch_size=batch_size)
+      acc.update(x)
+      norms.update(np.linalg.norm(x, axis=-1, keepdims=True))
     means.append(acc)
   v = (means[0].mean - means[1].mean).astype(np.float32)
   return Carrier(name=name, vectors=v, pooling=pooling, site=site, n_pos=means[0].n, n_neg=means[1].n,
-                 meta=dict(meta or {}))
+                 meta=dict(meta or {}, activation_scale=norms.mean[:, 0].tolist()))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "site"))
@@ -192,12 +224,8 @@ def collect_inst_post(model: LoadedModel, prompts: Sequence[str], *, site: str =
   prompts = list(prompts)
   if not prompts:
     raise ValueError("collect_inst_post(): empty prompt set")
-  size = min(batch_size, len(prompts))
   inst, post = [], []
-  for b0 in range(0, len(prompts), size):
-    chunk = prompts[b0:b0 + size]
-    n = len(chunk)
-    chunk = chunk + [chunk[-1]] * (size - n)
+  for chunk, n in batching.pad_batches(prompts, batch_size):
     tokens, mask, _, t_inst, _ = activations.prompt_positions(model.tokenizer, chunk)
     h = np.asarray(_inst_and_post(model.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(t_inst),
                                   model.cfg, site))[:, :n]
@@ -306,18 +334,28 @@ def candidate_scores(model: LoadedModel, carrier: Carrier, harmful: Sequence[str
   res = causal.add_sweep_prompts(model, harmless, jnp.asarray(layers), jnp.ones((1,)), vec, ids, batch_size=batch_size,
                                  chunk=chunk)
   out["steering_refusal"] = res["refusal_score"][:, 0, 0].mean(-1)
+  out.update(zero_check_scores(carrier, layers))
   return out
 
 
-def _degenerate(scores: Mapping, rtol: float = 1e-6) -> np.ndarray:
-  """[n] True where the candidate carrier is ~zero (norm <= rtol x the largest): at resid_pre of layer 0
-  the last prompt token is the same template token in every prompt, so its difference in means is
-  exactly 0, ablating it does nothing, and it would pass the KL filter. Needs scores["norms"]."""
+def _degenerate(scores: Mapping) -> np.ndarray:
+  """[n] `zero_carrier` of each candidate: at resid_pre of layer 0 the last prompt token is the same
+  template token in every prompt, so its difference in means is exactly 0, ablating it does nothing,
+  and it would pass the KL filter. Needs scores["norms"] and scores["scale"] (`zero_check_scores`);
+  without them no candidate is flagged."""
   n = len(np.asarray(scores["layers"]))
-  if "norms" not in scores:
+  if "norms" not in scores or "scale" not in scores:
     return np.zeros(n, bool)
-  norms = np.asarray(scores["norms"], float)
-  return ~(norms > rtol * np.nanmax(norms))
+  return zero_carrier(scores["norms"], scores["scale"])
+
+
+def zero_check_scores(carrier: Carrier, layers) -> dict:
+  """{"norms", "scale"} [n] of the carrier at `layers`, for `select_layer` / `fallback_layer` (empty when
+  the carrier does not record its activation scale, e.g. loaded from an older file)."""
+  layers = np.asarray(layers)
+  if carrier.activation_scale is None:
+    return {}
+  return dict(norms=carrier.norms[layers], scale=carrier.activation_scale[layers])
 
 
 def select_layer(scores: Mapping, n_layers: int, cfg: SelectionConfig = SelectionConfig()) -> dict:
@@ -384,8 +422,6 @@ def ablation_edit(carrier: Carrier | np.ndarray, *, layer: int | None = None, pe
   (refusal_direction's directional ablation). per_layer=True: at each layer l its own carrier l.
   layers: restrict to these layers (default all). positions: [B|1, S] 0/1 slot mask (default all).
   """
-  from lvs_jax.core import edit as edit_lib
-
   vecs = carrier.vectors if isinstance(carrier, Carrier) else np.asarray(carrier)
   n_layers = vecs.shape[0]
   if not per_layer:
@@ -393,18 +429,15 @@ def ablation_edit(carrier: Carrier | np.ndarray, *, layer: int | None = None, pe
       layer = carrier.selected_layer if isinstance(carrier, Carrier) else None
     if layer is None:
       raise ValueError("ablation_edit: give layer= (the carrier has no selected layer)")
-    return edit_lib.ablate_directions(n_layers, jnp.asarray(vecs[layer]), layers=layers, sites=sites,
-                                      positions=positions)
-  dirs = edit_lib.orthonormalize(jnp.asarray(vecs)[:, None, :])  # [L, 1, D]
-  lm = jnp.ones((n_layers,)) if layers is None else edit_lib.layer_mask(n_layers, layers)
-  pos = jnp.ones((1, 1)) if positions is None else jnp.asarray(positions, jnp.float32)
-  mask = lm[:, None, None] * pos[None]
-  return {s: edit_lib.SiteEdit(ablate_dirs=dirs, ablate_mask=mask) for s in sites}
+    vecs = vecs[layer]
+  return edit_lib.ablate_directions(n_layers, jnp.asarray(vecs), layers=layers, sites=sites, positions=positions,
+                                    per_layer=per_layer)
 
 
 __all__ = [
   "HARMFULNESS", "REFUSAL", "REFUSAL_HH", "POOLING", "MeanAccumulator", "mean_activations", "diff_in_means",
   "Carrier", "carrier_from_activations", "compute_carrier", "collect_inst_post", "refusal_labels", "save_carriers",
   "load_carriers",
-  "SelectionConfig", "candidate_scores", "select_layer", "fallback_layer", "ablation_edit",
+  "SelectionConfig", "candidate_scores", "select_layer", "fallback_layer", "ablation_edit", "ZERO_RTOL",
+  "activation_scale", "zero_carrier", "zero_check_scores",
 ]

@@ -6,14 +6,15 @@ Two compiled kernels, each one jitted function for a whole grid (one trace per b
                    prompt token, for each cell (layer l, coefficient c, vector v) of a grid. The
                    vectors are per-layer and **unnormalized**: coefficient units are the vector's own
                    norm, so c = 1 adds the raw diff-in-means carrier (refusal_direction's
-                   activation addition) and c = -1 subtracts it. Reuses the clean prefix like
-                   `lvs_jax.lvs.sweeps.sweep` (layers < l run once).
+                   activation addition) and c = -1 subtracts it. It *is* `lvs_jax.lvs.sweeps.sweep`
+                   with absolute, unnormalized vectors (layers < l run once).
   ablation_sweep   for each direction d, projects d out of every layer and site (the
                    refusal-direction "directional ablation") and evaluates the same metrics.
 
 Per cell and prompt both return refusal_score (logit refusal log-odds at the last prompt token,
-nats; `judges.refusal_score`), kl (KL(clean || edited) of the next token, nats), target_logprob and
-target_nll_per_token (of the batch's targets), plus the clean metrics as clean_*.
+nats; `judges.refusal_score`), kl (KL(clean || edited) of the next token, nats;
+`sweeps.next_token_kl`), target_logprob and target_nll_per_token (of the batch's targets), plus the
+clean metrics as clean_*. Refusal scores of a prompt list under one edit: `behavior.refusal_scores`.
 
 Controls (`matched_controls`): random unit directions scaled to exactly the carrier's norm at each
 layer, independent across layers and seeds, so a control cell adds a vector of the same size at the
@@ -33,11 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvs_jax.core import batching
 from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.config import ModelConfig
 from lvs_jax.core.tokenizer import LoadedModel
-from lvs_jax.evals import judges, stats
+from lvs_jax.evals import stats
 from lvs_jax.lvs import sweeps
 
 
@@ -52,52 +54,17 @@ def matched_controls(key: jax.Array, vectors: jax.Array | np.ndarray, n: int) ->
   return (r * np.linalg.norm(v, axis=-1)[None, :, None]).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
-def add_sweep(
-  params,
-  cfg: ModelConfig,
-  batch: sweeps.SweepBatch,
-  layers: jax.Array,
-  coefficients: jax.Array,
-  vectors: jax.Array,
-  refusal_ids: jax.Array,
-  *,
-  chunk: int = 8,
-) -> dict:
+def add_sweep(params, cfg: ModelConfig, batch: sweeps.SweepBatch, layers: jax.Array, coefficients: jax.Array,
+              vectors: jax.Array, refusal_ids: jax.Array, *, chunk: int = 8) -> dict:
   """Adds coefficient * vectors[v, l] at resid_pre of layer l (every prompt token), per grid cell.
 
   layers [nL] int, coefficients [nC], vectors [nV, L, D] (absolute units, not normalized).
   Returns {refusal_score, refusal_delta, kl, target_logprob, target_nll_per_token} each
-  [nL, nC, nV, B], and clean_* [B].
+  [nL, nC, nV, B], and clean_* [B]. The kernel is `lvs_jax.lvs.sweeps.sweep` with absolute,
+  unnormalized vectors (one compiled function for the grid).
   """
-  resid, clean = sweeps.clean_pass(params, cfg, batch, refusal_ids)
-  ctx = model_lib.context(batch.mask, cfg)
-  where = batch.prompt_mask.astype(jnp.float32)[..., None]  # [B, T, 1]
-  pos = sweeps.readout_positions(batch)
-  vecs = jnp.asarray(vectors, jnp.float32)
-  nC, nV = coefficients.shape[0], vecs.shape[0]
-  grid_c = jnp.repeat(coefficients.astype(jnp.float32), nV)
-  grid_v = jnp.tile(jnp.arange(nV), nC)
-
-  def per_layer(layer):
-    hl = jax.lax.dynamic_index_in_dim(resid, layer, keepdims=False)  # [B, T, D]
-
-    def cell(cv):
-      c, vi = cv
-      v = jax.lax.dynamic_index_in_dim(vecs, vi, keepdims=False)[layer]  # [D]
-      h = hl + (c * where * v).astype(hl.dtype)
-      h = sweeps.run_from_layer(params, cfg, ctx, h, layer)
-      met = sweeps.metrics_from_logits(model_lib.unembed(params, h, cfg, pos), batch, refusal_ids)
-      kl = jnp.sum(jnp.exp(clean["logp_last"]) * (clean["logp_last"] - met.pop("logp_last")), -1)
-      return dict(met, kl=kl)
-
-    out = jax.lax.map(cell, (grid_c, grid_v), batch_size=chunk)
-    return jax.tree.map(lambda x: x.reshape(nC, nV, *x.shape[1:]), out)
-
-  res = jax.lax.map(per_layer, jnp.asarray(layers, jnp.int32))
-  res["refusal_delta"] = res["refusal_score"] - clean["refusal_score"]
-  res.update({f"clean_{k}": v for k, v in clean.items() if k != "logp_last"})
-  return res
+  return sweeps.sweep(params, cfg, batch, layers, coefficients, vectors, refusal_ids, relative=False,
+                      normalize=False, chunk=chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "chunk", "sites"))
@@ -122,30 +89,20 @@ def ablation_sweep(
 
   def cell(d):
     e = edit_lib.ablate_directions(cfg.n_layers, d, sites=sites)
-    o = model_lib.forward(params, batch.tokens, cfg, attention_mask=batch.mask, edit=e, logits_positions=pos)
-    met = sweeps.metrics_from_logits(o.logits, batch, refusal_ids)
-    kl = jnp.sum(jnp.exp(clean["logp_last"]) * (clean["logp_last"] - met.pop("logp_last")), -1)
-    return dict(met, kl=kl)
+    return sweeps.edited_metrics(params, cfg, batch, refusal_ids, clean, edit=e)
 
-  res = jax.lax.map(cell, jnp.asarray(directions, jnp.float32), batch_size=chunk)
-  res["refusal_delta"] = res["refusal_score"] - clean["refusal_score"]
-  res.update({f"clean_{k}": v for k, v in clean.items() if k != "logp_last"})
-  return res
+  return sweeps.with_clean(jax.lax.map(cell, jnp.asarray(directions, jnp.float32), batch_size=chunk), clean)
 
 
 def _batched(model: LoadedModel, prompts: Sequence[str], batch_size: int, fn, targets=None) -> dict:
-  """Runs fn(batch) over fixed-size batches (the last padded by repeating its final prompt) and
-  concatenates the per-prompt axis (the last one) of every output, dropping the padding."""
+  """Runs fn(batch) over fixed-size batches (`batching.pad_batches`) and concatenates the per-prompt
+  axis (the last one) of every output, dropping the padding."""
   prompts = list(prompts)
-  size = min(batch_size, len(prompts))
   parts = []
-  for b0 in range(0, len(prompts), size):
-    rows = list(range(b0, min(len(prompts), b0 + size)))
-    padded = rows + [rows[-1]] * (size - len(rows))
-    tg = None if targets is None else [targets[i] for i in padded]
-    batch = sweeps.make_batch(model.tokenizer, [prompts[i] for i in padded], tg)
-    res = fn(batch)
-    parts.append({k: np.asarray(v)[..., :len(rows)] for k, v in res.items()})
+  for rows, n in batching.pad_batches(range(len(prompts)), batch_size):
+    tg = None if targets is None else [targets[i] for i in rows]
+    res = fn(sweeps.make_batch(model.tokenizer, [prompts[i] for i in rows], tg))
+    parts.append({k: np.asarray(v)[..., :n] for k, v in res.items()})
   return {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
 
 
@@ -164,31 +121,6 @@ def ablation_sweep_prompts(model: LoadedModel, prompts: Sequence[str], direction
   dirs, ids = jnp.asarray(directions, jnp.float32), jnp.asarray(refusal_ids)
   return _batched(model, prompts, batch_size, targets=targets, fn=lambda b: ablation_sweep(
     model.params, model.cfg, b, dirs, ids, chunk=chunk))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _last_token_refusal(params, cfg, tokens, mask, edit, refusal_ids):
-  last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
-  logits = model_lib.forward(params, tokens, cfg, attention_mask=mask, edit=edit, logits_positions=last).logits
-  return judges.refusal_score(logits[:, 0], refusal_ids)
-
-
-def refusal_scores(model: LoadedModel, prompts: Sequence[str], refusal_ids, *, edit: edit_lib.Edit | None = None,
-                   batch_size: int = 16) -> np.ndarray:
-  """Logit refusal score [N] (nats) at the last prompt token under `edit` (one compilation per edit
-  structure and batch shape: the edit is a traced argument)."""
-  prompts = list(prompts)
-  size = min(batch_size, len(prompts))
-  ids = jnp.asarray(refusal_ids)
-  out = []
-  for b0 in range(0, len(prompts), size):
-    chunk = prompts[b0:b0 + size]
-    n = len(chunk)
-    chunk = chunk + [chunk[-1]] * (size - n)
-    tokens, mask = model.tokenizer.batch([model.tokenizer.format_chat(p) for p in chunk], pad_to_multiple=16)
-    out.append(np.asarray(_last_token_refusal(model.params, model.cfg, jnp.asarray(tokens), jnp.asarray(mask),
-                                              edit, ids))[:n])
-  return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- effect sizes

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lvs_jax.evals.stats import percentile_interval
+from lvs_jax.geometry import carriers
 
 try:  # installed with scikit-learn; optional
   from threadpoolctl import threadpool_limits
@@ -271,14 +272,10 @@ def coupling(xa: np.ndarray, la: np.ndarray, xb: np.ndarray, lb: np.ndarray, *, 
   return out
 
 
-def degenerate_layers(carrier: np.ndarray, x: np.ndarray, rtol: float = 1e-4) -> np.ndarray:
-  """[L] bool: layers where the carrier is numerically zero (||carrier|| <= rtol * mean ||x||).
-
-  E.g. layer 0 (the embeddings) at t_post_inst, where every prompt has the same template token: the
-  difference of means is float rounding (~1e-6 of the activation norm) and its direction is noise.
-  """
-  scale = np.linalg.norm(np.asarray(x, np.float32), axis=-1).mean(-1)  # [L]
-  return np.linalg.norm(np.asarray(carrier, np.float64), axis=-1) <= rtol * scale
+def degenerate_layers(carrier: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """[L] bool: layers where the carrier [L, D] of activations x [L, N, D] is zero
+  (`lvs_jax.geometry.carriers.zero_carrier`, the one definition)."""
+  return carriers.zero_carrier(np.linalg.norm(np.asarray(carrier, np.float64), axis=-1), carriers.activation_scale(x))
 
 
 @_single_threaded_blas

@@ -250,11 +250,11 @@ def pgd_grid(params, cfg: ModelConfig, batch: sweeps.SweepBatch, refusal_ids, la
 
 def delta_edit(n_layers: int, layer: int, delta: jax.Array, total_slots: int) -> edit_lib.Edit:
   """An Edit adding delta [B, Tp, D] at resid_pre of `layer`, prompt slots only, zero on the
-  total_slots - Tp generated slots (for generate_tokens with a cache of total_slots)."""
+  total_slots - Tp generated slots (for generate_tokens with a cache of total_slots). Stores one
+  [B, total_slots, D] tensor (`edit.add_at_layer`), not one per layer."""
   B, tp, D = delta.shape
   full = jnp.zeros((B, total_slots, D), delta.dtype).at[:, :tp].set(delta)
-  add = edit_lib.layer_mask(n_layers, layer)[:, None, None, None].astype(delta.dtype) * full[None]
-  return {"resid_pre": edit_lib.SiteEdit(add=add)}
+  return edit_lib.add_at_layer(n_layers, layer, full)
 
 
 def generate_under_delta(model, batch: sweeps.SweepBatch, layer: int, delta: jax.Array, max_new_tokens: int):
@@ -264,14 +264,7 @@ def generate_under_delta(model, batch: sweeps.SweepBatch, layer: int, delta: jax
   e = delta_edit(model.cfg.n_layers, layer, delta[:, :tp], tp + max_new_tokens)
   out, lengths = gen.generate_tokens(model.params, tokens, mask, model.cfg, max_new_tokens=max_new_tokens,
                                      eos_ids=model.tokenizer.eos_ids, pad_id=model.tokenizer.pad_id, edit=e)
-  out, lengths = np.asarray(out), np.asarray(lengths)
-  texts = []
-  for r in range(out.shape[0]):
-    row = out[r, :lengths[r]].tolist()
-    if row and row[-1] in model.tokenizer.eos_ids:
-      row = row[:-1]
-    texts.append(model.tokenizer.decode(row))
-  return texts
+  return gen.decode_completions(model.tokenizer, out, lengths)
 
 
 def judge_success(completions, targets=None, prefixes="jailbreakbench") -> dict:

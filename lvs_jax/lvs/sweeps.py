@@ -121,6 +121,34 @@ def run_from_layer(params, cfg: ModelConfig, ctx: model_lib.Context, h: jax.Arra
   return model_lib.scan_layers(params.layers, h, cfg, ctx, from_layer=layer)[0]
 
 
+def next_token_kl(logp_ref: jax.Array, logp: jax.Array) -> jax.Array:
+  """KL(ref || other) in nats over the last axis, from log-probabilities [..., V] -> [...]."""
+  return jnp.sum(jnp.exp(logp_ref) * (logp_ref - logp), -1)
+
+
+def edited_metrics(params, cfg: ModelConfig, batch: SweepBatch, refusal_ids: jax.Array, clean: dict,
+                   h: jax.Array | None = None, edit=None) -> dict:
+  """Per-prompt metrics [B] of an edited run, with kl against the clean pass (`clean`, from clean_pass).
+
+  Either h [B, T, D] is the final residual stream (the run already done, e.g. by run_from_layer) or,
+  with h None, the whole model runs under `edit`."""
+  pos = readout_positions(batch)
+  if h is None:
+    logits = model_lib.forward(params, batch.tokens, cfg, attention_mask=batch.mask, edit=edit,
+                               logits_positions=pos).logits
+  else:
+    logits = model_lib.unembed(params, h, cfg, pos)
+  met = metrics_from_logits(logits, batch, refusal_ids)
+  return dict(met, kl=next_token_kl(clean["logp_last"], met.pop("logp_last")))
+
+
+def with_clean(res: dict, clean: dict) -> dict:
+  """Adds refusal_delta (edited - clean refusal score) and the clean metrics as clean_* ([B])."""
+  res["refusal_delta"] = res["refusal_score"] - clean["refusal_score"]
+  res.update({f"clean_{k}": v for k, v in clean.items() if k != "logp_last"})
+  return res
+
+
 def token_scale(h: jax.Array, relative: bool) -> jax.Array:
   """[B, T, 1] multiplier that turns a magnitude into activation units: ||h_t|| (relative) or 1."""
   if not relative:
@@ -139,17 +167,18 @@ def with_negatives(directions: jax.Array) -> jax.Array:
   return jnp.concatenate([directions, -directions], axis=0)
 
 
-def _per_layer_dirs(directions: jax.Array, n_layers: int) -> jax.Array:
-  """[nD, D] (same at every layer) or [nD, L, D] (per-layer, e.g. carriers) -> unit [nD, L, D]."""
+def _per_layer_dirs(directions: jax.Array, n_layers: int, normalize: bool = True) -> jax.Array:
+  """[nD, D] (same at every layer) or [nD, L, D] (per-layer, e.g. carriers) -> [nD, L, D], unit norm
+  unless normalize=False."""
   d = jnp.asarray(directions, jnp.float32)
   if d.ndim == 2:
     d = jnp.broadcast_to(d[:, None], (d.shape[0], n_layers, d.shape[1]))
   if d.ndim != 3 or d.shape[1] != n_layers:
     raise ValueError(f"directions must be [nD, D] or [nD, L={n_layers}, D], got shape {tuple(d.shape)}")
-  return d / jnp.linalg.norm(d, axis=-1, keepdims=True)
+  return d / jnp.linalg.norm(d, axis=-1, keepdims=True) if normalize else d
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "relative", "last_only", "chunk"))
+@functools.partial(jax.jit, static_argnames=("cfg", "relative", "normalize", "last_only", "chunk"))
 def sweep(
   params,
   cfg: ModelConfig,
@@ -160,24 +189,26 @@ def sweep(
   refusal_ids: jax.Array,
   *,
   relative: bool = True,
+  normalize: bool = True,
   last_only: bool = False,
   chunk: int = 8,
 ) -> dict:
   """Evaluates every (layer, magnitude, direction) cell on the batch.
 
   layers: [nL] int; magnitudes: [nM] (relative to ||h_t|| unless relative=False); directions:
-  [nD, D] or [nD, L, D] (normalized here). last_only: perturb only the last prompt token instead of
-  every prompt token. chunk: cells evaluated at once (memory ~ chunk * B * T * D activations).
-  Returns {refusal_delta, target_logprob, kl, refusal_score, ...} each [nL, nM, nD, B], plus the
-  clean metrics under "clean_*" ([B]).
+  [nD, D] or [nD, L, D] (normalized here unless normalize=False: with relative=False and
+  normalize=False, magnitude m adds m * directions[d, l] in the vector's own units, the carriers'
+  activation addition `lvs_jax.geometry.causal.add_sweep`). last_only: perturb only the last prompt
+  token instead of every prompt token. chunk: cells evaluated at once (memory ~ chunk * B * T * D
+  activations). Returns {refusal_delta, target_logprob, kl, refusal_score, ...} each [nL, nM, nD, B],
+  plus the clean metrics under "clean_*" ([B]).
   """
-  dirs = _per_layer_dirs(directions, cfg.n_layers)
+  dirs = _per_layer_dirs(directions, cfg.n_layers, normalize)
   resid, clean = clean_pass(params, cfg, batch, refusal_ids)
   ctx = model_lib.context(batch.mask, cfg)
   where = batch.prompt_mask.astype(jnp.float32)
   if last_only:
     where = jnp.zeros_like(where).at[:, batch.last].set(1.0)
-  pos = readout_positions(batch)
   nM, nD = magnitudes.shape[0], dirs.shape[0]
   grid_m = jnp.repeat(magnitudes.astype(jnp.float32), nD)
   grid_d = jnp.tile(jnp.arange(nD), nM)
@@ -190,15 +221,9 @@ def sweep(
       m, di = md
       d = jax.lax.dynamic_index_in_dim(dirs, di, keepdims=False)[layer]  # [D]
       h = hl + (m * scale * d).astype(hl.dtype)
-      h = run_from_layer(params, cfg, ctx, h, layer)
-      met = metrics_from_logits(model_lib.unembed(params, h, cfg, pos), batch, refusal_ids)
-      kl = jnp.sum(jnp.exp(clean["logp_last"]) * (clean["logp_last"] - met.pop("logp_last")), -1)
-      return dict(met, kl=kl)
+      return edited_metrics(params, cfg, batch, refusal_ids, clean, h=run_from_layer(params, cfg, ctx, h, layer))
 
     out = jax.lax.map(cell, (grid_m, grid_d), batch_size=chunk)
     return jax.tree.map(lambda x: x.reshape(nM, nD, *x.shape[1:]), out)
 
-  res = jax.lax.map(per_layer, jnp.asarray(layers, jnp.int32))
-  res["refusal_delta"] = res["refusal_score"] - clean["refusal_score"]
-  res.update({f"clean_{k}": v for k, v in clean.items() if k != "logp_last"})
-  return res
+  return with_clean(jax.lax.map(per_layer, jnp.asarray(layers, jnp.int32)), clean)
