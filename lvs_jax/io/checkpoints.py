@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -42,6 +43,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from lvs_jax.io import files
 
 COMMIT_FILE = "lvs_commit.json"
 STATE_ITEM = "state"
@@ -77,8 +80,8 @@ class CheckpointInfo:
 
 def _files(step_dir: str) -> list[str]:
   out = []
-  for root, _, files in os.walk(step_dir):
-    for f in files:
+  for root, _, names in os.walk(step_dir):
+    for f in names:
       rel = os.path.relpath(os.path.join(root, f), step_dir)
       if rel != COMMIT_FILE and not rel.startswith(COMMIT_FILE + "."):
         out.append(rel.replace(os.sep, "/"))
@@ -108,9 +111,9 @@ def _fsync_dir(path: str) -> None:
 
 def write_commit(step_dir: str, step: int) -> None:
   """Records size and sha256 of every file of a finished orbax step, atomically (the commit point)."""
-  files = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _sha256(os.path.join(step_dir, rel))]
-           for rel in _files(step_dir)}
-  rec = dict(step=int(step), time=time.time(), files=files)
+  listed = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _sha256(os.path.join(step_dir, rel))]
+            for rel in _files(step_dir)}
+  rec = dict(step=int(step), time=time.time(), files=listed)
   tmp = os.path.join(step_dir, f"{COMMIT_FILE}.{os.getpid()}.tmp")
   with open(tmp, "w") as f:
     json.dump(rec, f, indent=1)
@@ -128,14 +131,14 @@ def verify(step_dir: str, step: int | None = None) -> tuple[str, str]:
   try:
     with open(rec_path) as f:
       rec = json.load(f)
-    files = rec["files"]
+    listed = rec["files"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     return "corrupt", f"unreadable {COMMIT_FILE} ({type(e).__name__}: {e})"
   if step is not None and rec.get("step") != step:
     return "corrupt", f"{COMMIT_FILE} is for step {rec.get('step')}, not {step}"
-  if not files:
+  if not listed:
     return "corrupt", f"{COMMIT_FILE} lists no files"
-  for rel, (size, digest) in sorted(files.items()):
+  for rel, (size, digest) in sorted(listed.items()):
     p = os.path.join(step_dir, rel)
     if not os.path.exists(p):
       return "corrupt", f"file {rel} is missing"
@@ -337,15 +340,7 @@ def trajectory(directory: str | os.PathLike, abstract_state, metric_fn: Callable
   """
   out_path = os.fspath(out_path)
   jsonl = out_path + ".jsonl"
-  done: dict[int, dict] = {}
-  if os.path.exists(jsonl):
-    with open(jsonl, encoding="utf-8") as f:
-      for line in f:
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError:
-          break
-        done[int(r["step"])] = r
+  done: dict[int, dict] = {int(r["step"]): r for r in files.read_jsonl(jsonl, log=log)}
   ckpt = Checkpointer(directory, read_only=True, log=log)
   infos = list_checkpoints(directory)
   wanted = None if steps is None else set(int(s) for s in steps)
@@ -362,15 +357,13 @@ def trajectory(directory: str | os.PathLike, abstract_state, metric_fn: Callable
     state, _ = ckpt.restore(info.step, abstract_state, verified=True)
     row = {"step": info.step, **dict(metric_fn(info.step, state))}
     done[info.step] = row
-    with open(jsonl, "a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
+    files.append_jsonl(jsonl, [row])
   rows = [done[s] for s in sorted(done) if wanted is None or s in wanted]
   columns = list(dict.fromkeys(k for r in rows for k in r))
-  tmp = f"{out_path}.{os.getpid()}.tmp"
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
-    w.writerow(columns)
-    for r in rows:
-      w.writerow([r.get(c, "") for c in columns])
-  os.replace(tmp, out_path)
+  buf = io.StringIO(newline="")
+  w = csv.writer(buf)
+  w.writerow(columns)
+  for r in rows:
+    w.writerow([r.get(c, "") for c in columns])
+  files.atomic_write_text(out_path, buf.getvalue())
   return rows

@@ -42,6 +42,7 @@ from lvs_jax.core import model as model_lib
 from lvs_jax.core.config import ModelConfig
 from lvs_jax.core.tokenizer import PromptError, Tokenizer
 from lvs_jax.io import datasets as data_lib
+from lvs_jax.io import files
 from lvs_jax.training import lora as lora_lib
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
@@ -380,25 +381,11 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, b
 
 def read_metrics(path: str | os.PathLike, max_step: int | None = None) -> list[dict]:
   """Rows of a metrics JSONL file (a line cut by a kill, and everything after it, is dropped)."""
-  rows = []
-  if not os.path.exists(path):
-    return rows
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError:
-        break
-      if max_step is None or r["step"] <= max_step:
-        rows.append(r)
-  return rows
+  return [r for r in files.read_jsonl(path, log=None) if max_step is None or r["step"] <= max_step]
 
 
 def _rewrite(path: str, rows: list[dict]) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  os.replace(tmp, path)
+  files.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train_loop(state: TrainState, step_fn: Callable, dataset: Dataset, num_steps: int, *,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.resources
-import json
 import math
 import os
 import re
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 from lvs_jax.core import generate as gen
 from lvs_jax.core.tokenizer import LoadedModel
 from lvs_jax.evals import behavior, judges
-from lvs_jax.io import checkpoints
+from lvs_jax.io import checkpoints, files, keys
 from lvs_jax.io import datasets as data_lib
 from lvs_jax.report import charts
 from lvs_jax.report import store as report_lib
@@ -86,18 +85,6 @@ def drop_overlap(train: data_lib.PromptSet, *held_out: Sequence[str]) -> tuple[d
   return train.take(keep), len(train) - len(keep)
 
 
-def _read_records(path: str) -> list[dict]:
-  out = []
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          out.append(json.loads(line))
-        except json.JSONDecodeError:
-          break  # cut by a kill: regenerate from here
-  return out
-
-
 def own_completions(model: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int = 64, cache_path: str,
                     batch_size: int = 16, retries: int = 2, temperature: float = 0.7,
                     prefixes: str = "jailbreakbench", progress: bool = True) -> list[dict]:
@@ -107,13 +94,17 @@ def own_completions(model: LoadedModel, prompts: Sequence[str], *, max_new_token
   times (temperature, seeds 1..retries) and keeps refused=True if every try refuses (callers drop
   those). finished: the model ended its turn within max_new_tokens. Rows are appended to
   `cache_path` (JSONL) per batch and looked up by prompt, so a rerun, or a run with more prompts,
-  generates only what is missing. (Completions of the same model and settings: a cache written with
-  another model or max_new_tokens must be deleted by hand.)
+  generates only what is missing. The cache is keyed (`io.keys`, kind "own_completions") by the model
+  and the generation settings: a cache written by another model or with other settings is moved aside
+  and regenerated, never reused.
   """
   prompts = list(prompts)
   cached = {}
-  for r in _read_records(cache_path):
-    cached.setdefault(r["prompt"], r)
+  settings = dict(max_new_tokens=int(max_new_tokens), retries=int(retries), temperature=float(temperature),
+                  prefixes=prefixes, batch_size=int(batch_size))  # batch_size: the sampling seeds are per batch
+  if keys.claim(cache_path, "own_completions", model=keys.model_parts(model), config=settings):
+    for r in files.read_jsonl(cache_path):
+      cached.setdefault(r["prompt"], r)
   todo = list(dict.fromkeys(p for p in prompts if p not in cached))
   os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
   bar = tqdm(range(0, len(todo), batch_size), desc="own completions", unit="batch", disable=not progress or not todo)
@@ -133,8 +124,7 @@ def own_completions(model: LoadedModel, prompts: Sequence[str], *, max_new_token
     for r in new:
       r["refused"] = bool(judges.is_refusal(r["completion"], prefixes))
       cached[r["prompt"]] = r
-    with open(cache_path, "a", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in new)
+    files.append_jsonl(cache_path, new)
   return [cached[p] for p in prompts]
 
 
