@@ -18,6 +18,7 @@ before + suffix + after is exactly how the tokenizer reads the full text.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -237,3 +238,37 @@ def forward_target_losses(params, cfg, tokens: jax.Array, mask: jax.Array, tgt_p
   are the positions whose logits predict the target tokens `labels` [B, Tt]."""
   out = model_lib.forward(params, tokens, cfg, attention_mask=mask, logits_positions=tgt_pos)
   return target_loss(out.logits, labels, weights, mellowmax_alpha)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "mellowmax_alpha"))
+def sequence_losses(params, cfg, tokens: jax.Array, mask: jax.Array, tgt_pos: jax.Array, labels: jax.Array,
+                    weights: jax.Array, *, chunk: int, mellowmax_alpha: float | None = None) -> jax.Array:
+  """`forward_target_losses` of N rows [N, T] in chunks of `chunk` rows under `lax.map` -> [N]
+  (N a multiple of chunk). For attacks whose whole prompt changes (AutoDAN), so no prefix is shared."""
+  N, T = tokens.shape
+  xs = jax.tree.map(lambda x: x.reshape(N // chunk, chunk, *x.shape[1:]), (tokens, mask, tgt_pos, labels, weights))
+  out = jax.lax.map(lambda a: forward_target_losses(params, cfg, *a, mellowmax_alpha=mellowmax_alpha), xs)
+  return out.reshape(N)
+
+
+def pack_sequences(prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]], pad_id: int,
+                   chunk: int, multiple: int = 64) -> tuple[np.ndarray, ...]:
+  """Rows prompt + target, left-padded to a multiple of `multiple` tokens and to a multiple of `chunk` rows
+  (extra rows repeat the last one) -> (tokens, mask, tgt_pos, labels, weights) for `sequence_losses`."""
+  rows = [list(p) + list(t) for p, t in zip(prompt_ids, target_ids)]
+  n = len(rows)
+  n_pad = -(-n // chunk) * chunk
+  rows = rows + [rows[-1]] * (n_pad - n)
+  tgts = list(target_ids) + [target_ids[-1]] * (n_pad - n)
+  toks, mask = left_pad(rows, pad_id, multiple)
+  T = toks.shape[1]
+  Tt = max(len(t) for t in tgts)
+  pos = np.zeros((n_pad, Tt), np.int32)
+  labels = np.zeros((n_pad, Tt), np.int32)
+  weights = np.zeros((n_pad, Tt), np.float32)
+  for i, t in enumerate(tgts):
+    k = len(t)
+    pos[i, :k] = np.arange(T - k - 1, T - 1)
+    labels[i, :k] = t
+    weights[i, :k] = 1.0
+  return toks, mask, pos, labels, weights
