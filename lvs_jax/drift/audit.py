@@ -1,6 +1,6 @@
 """The embedding-drift audit: probe selection, synthetic drift sweeps, the alarm, re-anchoring, real
-drift from changed models, separability, and the report's "drift" section (lvs_jax/drift_eval.py
-holds the pieces).
+drift from changed models, separability; returns the report's "drift" section (lvs_jax.drift.study
+runs the pieces, lvs_jax.drift.section shows them).
 
 Prompt sets (defaults; all bundled with the package, lvs_jax/prompts; 1 = harmful, 0 = harmless):
   fit / val   harmful_train (260) + a same-size seeded sample of harmless_train, split per class
@@ -29,6 +29,7 @@ from absl import logging
 
 from lvs_jax.drift import embeddings, metrics, probes
 from lvs_jax.drift import families as drift
+from lvs_jax.drift import section as drift_section
 from lvs_jax.drift import study as drift_eval
 from lvs_jax.evals import stats
 from lvs_jax.io import datasets as data
@@ -211,8 +212,8 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
     clean=syn["clean"], probe_info=syn["probe_info"], margin=syn["margin"], families=syn["families"],
     cliffs=syn["cliffs"], reanchor=syn["reanchor"], real=real, separability=sep, separability_caption=sep_caption,
     alarm=dict(false_alarm_rate=syn["alarm"]["false_alarm_rate"]))
-  res["notes"] = drift_eval.notes(res)
+  res["notes"] = drift_section.notes(res)
   res = report_lib.to_jsonable(res, "drift results")
   with open(os.path.join(d, "results.json"), "w") as f:
     json.dump(res, f, indent=1)
-  return drift_eval.drift_section(res)
+  return drift_section.drift_section(res)

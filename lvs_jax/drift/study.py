@@ -1,5 +1,5 @@
-"""Drift studies: sweeps of a probe over drift magnitude, the cliff, the alarm's power, re-anchoring,
-and the report's "drift" section. The loops behind `experiments/drift.py`, over the kernels in
+"""Drift studies: sweeps of a probe over drift magnitude, the cliff, the alarm's power, re-anchoring.
+The loops behind `experiments/drift.py` (lvs_jax.drift.section shows their results), over the kernels in
 `lvs_jax.drift.families`, `lvs_jax.drift.alarm`, `lvs_jax.drift.probes` and `lvs_jax.drift.metrics`.
 
 Conventions: embeddings are unit-normalized rows; sigma is the norm convention of `lvs_jax.drift.families`
@@ -25,19 +25,16 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 
 from lvs_jax.drift import alarm as drift_alarm
 from lvs_jax.drift import families as drift
 from lvs_jax.drift import metrics, probes
 from lvs_jax.evals import stats
-from lvs_jax.report import charts
-from lvs_jax.report import store as report_lib
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "confidence", "silent_failure_rate", "silent_share", "ece",
            "error_confidence")
@@ -274,6 +271,53 @@ def isotropic_margin(probe: probes.Probe, x, y, level: float) -> dict[str, float
               predicted_cliff_sigma=math.sqrt(d / 2 * inside) if inside > 0 else 0.0, dim=d)
 
 
+def cliff_row(probe, name: str, fam: str, per: dict, clean: dict, sigmas, angle, power: dict, key, x_test, y_test,
+              cfg, kw: dict) -> dict:
+  """One row of the cliffs table: probe `name` under family `fam` (its sweep `per`, clean metrics `clean`,
+  the alarm's fire rates `power` per statistic): the AUC cliff, metrics at it, the balanced-accuracy cliff,
+  the binormal prediction (isotropic) and the alarm's detection sigma. `key` draws the at-cliff drift."""
+  sw, al = cfg.sweep, cfg.alarm
+  thr = cliff_threshold(clean["auc"], sw.cliff_auc)
+  cs = crossing(sigmas, per["auc"], thr)
+  at = at_sigma(probe, x_test, y_test, fam, cs, len(sigmas), key, **kw) if math.isfinite(cs) else None
+  row = dict(family=fam, probe=name, clean_auc=clean["auc"], threshold=thr, cliff_sigma=cs,
+             cliff_angle_deg=at["angle"] if at else float("nan"), collapse_sigma=crossing(sigmas, per["auc"], 0.55))
+  for m in ("auc", "accuracy", "confidence", "silent_failure_rate", "silent_share", "error_confidence", "ece"):
+    row[f"{m}_at_cliff"] = at[m] if at else float("nan")
+  row["confidence_drop"] = 1 - row["confidence_at_cliff"] / clean["confidence"]
+  # Threshold failures: balanced accuracy halfway from clean to chance (AUC can stay intact,
+  # e.g. under a common shift, while the fixed threshold fails).
+  bthr = 0.5 + (clean["balanced_accuracy"] - 0.5) / 2
+  bs = crossing(sigmas, per["balanced_accuracy"], bthr)
+  row["bacc_cliff_sigma"] = bs
+  row["bacc_cliff_angle_deg"] = interp_log(sigmas, angle, bs)
+  for m in ("balanced_accuracy", "confidence", "silent_failure_rate"):
+    row[f"{m}_at_bacc_cliff"] = interp_log(sigmas, per[m], bs)
+  pred = isotropic_margin(probe, x_test, y_test, thr) if fam == "isotropic" else {}
+  row["predicted_cliff_sigma"] = pred.get("predicted_cliff_sigma", float("nan"))
+  for st in al.statistics:
+    ds = crossing(sigmas, power[st], al.power, below=False)
+    row[f"detect_sigma_{st}"] = ds
+    row[f"detect_angle_deg_{st}"] = interp_log(sigmas, angle, ds)
+  return row
+
+
+def _reanchor_at(fam: str, sg: float, key, probe, clean: dict, pca, anchors_a, x_test, y_test, cfg) -> list[dict]:
+  """Re-anchoring rows of the main probe under one draw of family `fam` at sigma `sg`."""
+  sw, ra = cfg.sweep, cfg.reanchor
+  # One key per draw: drift basis/direction, test noise, anchor noise, the re-anchoring anchor draws.
+  k0, k1, k2, k3, k4 = jax.random.split(key, 5)
+  basis = pca @ drift.random_basis(k0, sw.subspace_k, sw.subspace_k) if fam == "subspace_pca" else None
+  dr = drift.make_drift(fam.removesuffix("_pca"), k1, x_test.shape[1], k=sw.subspace_k, convention=sw.convention,
+                        basis=basis)
+  test_b, anchors_b = drift.apply_drift(dr, k2, jnp.asarray(x_test), sg), drift.apply_drift(dr, k3, anchors_a, sg)
+  ns = [n for n in ra.n_anchors if n <= len(anchors_a)]
+  fixed = reanchor_scores(k4, probe, anchors_a, anchors_b, test_b, y_test, ns, repeats=ra.repeats,
+                          identity_prior=ra.identity_prior)
+  angle_b = float(jnp.mean(metrics.angle_deg(jnp.asarray(x_test), test_b)))
+  return reanchor_rows(fam, sg, angle_b, ns, clean, evaluate(probe, test_b, y_test), fixed)
+
+
 def run_synthetic(key, x_fit, y_fit, x_val, y_val, x_test, y_test, cfg) -> dict:
   """Probes, drift sweeps of every synthetic family, cliffs, the alarm, re-anchoring and the
   noise-augmentation baseline on unit-normalized embeddings -> a results dict (JSON-able after
@@ -315,47 +359,13 @@ def run_synthetic(key, x_fit, y_fit, x_val, y_val, x_test, y_test, cfg) -> dict:
     power = alarm_power(fk, ref, x_test, sigmas, family=fam, **akw)
     families[fam] = dict(sigma=sigmas, angle=angle, probes={p: {m: per[p][m] for m in METRICS + ("auc_std",)}
                                                              for p in pr}, alarm=power)
-    for p in pr:
-      thr = cliff_threshold(clean[p]["auc"], sw.cliff_auc)
-      cs = crossing(sigmas, per[p]["auc"], thr)
-      at = at_sigma(pr[p], x_test, y_test, fam, cs, len(sigmas), jax.random.fold_in(fk, 1), **kw) if math.isfinite(
-        cs) else None
-      row = dict(family=fam, probe=p, clean_auc=clean[p]["auc"], threshold=thr, cliff_sigma=cs,
-                 cliff_angle_deg=at["angle"] if at else float("nan"),
-                 collapse_sigma=crossing(sigmas, per[p]["auc"], 0.55))
-      for m in ("auc", "accuracy", "confidence", "silent_failure_rate", "silent_share", "error_confidence", "ece"):
-        row[f"{m}_at_cliff"] = at[m] if at else float("nan")
-      row["confidence_drop"] = 1 - row["confidence_at_cliff"] / clean[p]["confidence"]
-      # Threshold failures: balanced accuracy halfway from clean to chance (AUC can stay intact,
-      # e.g. under a common shift, while the fixed threshold fails).
-      bthr = 0.5 + (clean[p]["balanced_accuracy"] - 0.5) / 2
-      bs = crossing(sigmas, per[p]["balanced_accuracy"], bthr)
-      row["bacc_cliff_sigma"] = bs
-      row["bacc_cliff_angle_deg"] = _interp(sigmas, angle, bs)
-      for m in ("balanced_accuracy", "confidence", "silent_failure_rate"):
-        row[f"{m}_at_bacc_cliff"] = _interp(sigmas, per[p][m], bs)
-      pred = isotropic_margin(pr[p], x_test, y_test, thr) if fam == "isotropic" else {}
-      row["predicted_cliff_sigma"] = pred.get("predicted_cliff_sigma", float("nan"))
-      for st in al.statistics:
-        ds = crossing(sigmas, power[st], al.power, below=False)
-        row[f"detect_sigma_{st}"] = ds
-        row[f"detect_angle_deg_{st}"] = _interp(sigmas, angle, ds)
-      cliffs.append(row)
+    cliffs += [cliff_row(pr[p], p, fam, per[p], clean[p], sigmas, angle, power, jax.random.fold_in(fk, 1), x_test,
+                         y_test, cfg, kw) for p in pr]
     row = next(r for r in cliffs if r["family"] == fam and r["probe"] == main)
     cs = row["cliff_sigma"] if math.isfinite(row["cliff_sigma"]) else row["bacc_cliff_sigma"]
     for mult in ra.cliff_multiples if math.isfinite(cs) else ():
-      sg = cs * mult
-      # One key per draw: drift basis/direction, test noise, anchor noise, the re-anchoring anchor draws.
-      k0, k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(fk, 7), 5)
-      basis = pca @ drift.random_basis(k0, sw.subspace_k, sw.subspace_k) if fam == "subspace_pca" else None
-      dr = drift.make_drift(fam.removesuffix("_pca"), k1, x_test.shape[1], k=sw.subspace_k, convention=sw.convention,
-                            basis=basis)
-      test_b, anchors_b = drift.apply_drift(dr, k2, jnp.asarray(x_test), sg), drift.apply_drift(dr, k3, anchors_a, sg)
-      ns = [n for n in ra.n_anchors if n <= n_pool]
-      fixed = reanchor_scores(k4, pr[main], anchors_a, anchors_b, test_b, y_test, ns, repeats=ra.repeats,
-                              identity_prior=ra.identity_prior)
-      angle_b = float(jnp.mean(metrics.angle_deg(jnp.asarray(x_test), test_b)))
-      reanchor += reanchor_rows(fam, sg, angle_b, ns, clean[main], evaluate(pr[main], test_b, y_test), fixed)
+      reanchor += _reanchor_at(fam, cs * mult, jax.random.fold_in(fk, 7), pr[main], clean[main], pca, anchors_a,
+                               x_test, y_test, cfg)
   margin = isotropic_margin(pr[main], x_test, y_test, cliff_threshold(clean[main]["auc"], sw.cliff_auc))
   return dict(clean=clean, probe_info=pinfo, families=families, cliffs=cliffs, reanchor=reanchor, margin=margin,
               alarm=dict(false_alarm_rate=far, reference=ref), augment_sigma=aug_sigma, probes=pr)
@@ -374,8 +384,8 @@ def reanchor_rows(source, magnitude, angle, ns, clean: dict, drifted: dict, fixe
   return rows
 
 
-def _interp(sigmas, values, s):
-  """values at sigma s, linear in log sigma over the positive grid (nan for s = nan)."""
+def interp_log(sigmas, values, s):
+  """values [S] at sigma s, linear in log sigma over the positive grid (nan for s = nan)."""
   if not math.isfinite(s):
     return float("nan")
   sg, v = np.asarray(sigmas, float), np.asarray(values, float)
@@ -412,231 +422,3 @@ def run_real(key, name, magnitude, x_test, y_test, x_test_b, anchors_a, anchors_
   row[f"{main}_auc_reanchored"] = float(fixed["auc"][-1]) if ns else float("nan")
   row[f"{main}_bacc_reanchored"] = float(fixed["balanced_accuracy"][-1]) if ns else float("nan")
   return row, rows
-
-
-def _at(xs, ys, x):
-  """ys interpolated at x (linearly in log x over the positive grid)."""
-  xs, ys = np.asarray(xs, float), np.asarray(ys, float)
-  keep = xs > 0
-  return float(np.interp(math.log(x), np.log(xs[keep]), ys[keep]))
-
-
-def notes(res: Mapping) -> str:
-  """The closing note: the study's numbers in words, including whether the paper's collapse reproduces."""
-  s, clean, main = res["setup"], res["clean"], res["setup"]["probe"]
-  lines = [
-    f"Model {s['model']}; probe input: layer {s['layer']} {s['site']}, {s['pooling']} pooling, chat template "
-    f"{'on' if s['chat'] else 'off'} (best validation ROC-AUC {s['val_auc']:.3f} over "
-    f"{len(res['layer_selection']['poolings'])} poolings x {len(res['layer_selection']['layers'])} layers, on a "
-    f"validation split of the training prompts). Fit {s['n_fit']}, validation {s['n_val']}, test "
-    f"{s['n_test_harmful']} harmful vs {s['n_test_harmless']} harmless.",
-    "Clean test ROC-AUC: " + ", ".join(f"{p} {m['auc']:.3f}" for p, m in clean.items()) + ".",
-    "sigma is the norm convention (noise of norm sigma on the unit sphere; sigma = 0.02 turns a vector by "
-    "~1.15 degrees; the per-coordinate convention's sigma is this one divided by sqrt(D)). Angles are measured.",
-  ]
-  for r in res["cliffs"]:
-    if r["probe"] != main:
-      continue
-    det = ", ".join(f"{k[len('detect_sigma_'):]} {_fmt(v)}" for k, v in r.items() if k.startswith("detect_sigma_"))
-    if math.isfinite(r["cliff_sigma"] if r["cliff_sigma"] is not None else float("nan")):
-      auc_part = (f"AUC cliff (AUC < {r['threshold']:.3f}) at sigma {_fmt(r['cliff_sigma'])} = "
-                  f"{_fmt(r['cliff_angle_deg'])} degrees, where accuracy is {_fmt(r['accuracy_at_cliff'])}, mean "
-                  f"confidence {_fmt(r['confidence_at_cliff'])} (relative drop {100 * r['confidence_drop']:.1f}%) and "
-                  f"the silent-failure rate {_fmt(r['silent_failure_rate_at_cliff'])}")
-    else:
-      auc_part = f"no AUC cliff up to sigma {_fmt(max(res['families'][r['family']]['sigma']))}"
-    lines.append(
-      f"{r['family']}: {auc_part}; balanced-accuracy cliff (halfway to 0.5) at sigma {_fmt(r['bacc_cliff_sigma'])} = "
-      f"{_fmt(r['bacc_cliff_angle_deg'])} degrees (confidence {_fmt(r['confidence_at_bacc_cliff'])}, silent-failure "
-      f"rate {_fmt(r['silent_failure_rate_at_bacc_cliff'])}). Alarm reaches 90% detection at sigma: {det}.")
-  fam = res["families"].get("isotropic")
-  if fam:
-    auc02 = _at(fam["sigma"], fam["probes"][main]["auc"], 0.02)
-    sf02 = _at(fam["sigma"], fam["probes"][main]["silent_failure_rate"], 0.02)
-    ang02 = _at(fam["sigma"], fam["angle"], 0.02)
-    collapsed = auc02 <= 0.55
-    lines.append(
-      f"Paper check (isotropic, sigma = 0.02 ~ {ang02:.2f} degrees): ROC-AUC {clean[main]['auc']:.3f} -> {auc02:.3f}, "
-      f"silent-failure rate {sf02:.2f}. The paper's collapse (0.85 -> 0.50 at sigma = 0.02) "
-      + ("reproduces at this sigma." if collapsed else "does NOT reproduce at this sigma; see the cliff above for "
-         "where (and whether) it happens on this model."))
-  mg = res.get("margin") or {}
-  if mg and mg.get("gap_deg") is not None and math.isfinite(mg.get("gap_deg", float("nan"))):
-    d_noise = math.degrees(0.02 / math.sqrt(mg.get("dim", 576))) if "dim" in mg else None
-    lines.append(
-      f"Why: along the {main} probe's direction the class means are {mg['gap_deg']:.3g} degrees apart with a "
-      f"within-class spread of {mg['spread_deg']:.3g} degrees; isotropic noise of norm sigma adds only sigma / sqrt(D) "
-      f"along any one direction" + (f" ({d_noise:.3g} degrees at sigma = 0.02)" if d_noise else "")
-      + f". A binormal model of the scores predicts the isotropic cliff at sigma {_fmt(mg['predicted_cliff_sigma'])}. "
-      "A collapse at sigma = 0.02 needs classes separated by a few hundredths of a degree along the probe "
-      "direction, i.e. a probe that relies on directions in which the embeddings barely vary.")
-  far = res["alarm"]["false_alarm_rate"]
-  lines.append(f"Alarm false-alarm rate on undrifted windows of {s['window']} (nominal alpha {s['alpha']}): "
-               + ", ".join(f"{k} {v:.3f}" for k, v in far.items()) + ".")
-  best = {}
-  for r in res["reanchor"]:
-    best[(r["source"], r["magnitude"])] = r
-  if best:
-    lines.append("Re-anchoring (Procrustes from the most anchors; AUC and balanced accuracy drifted -> re-anchored): "
-                 + "; ".join(f"{src} @ {_fmt(mag)} ({_fmt(r['angle_deg'])} deg): AUC {_fmt(r['auc_drifted'])} -> "
-                             f"{_fmt(r['auc_reanchored'])}, bacc {_fmt(r['bacc_drifted'])} -> "
-                             f"{_fmt(r['bacc_reanchored'])} with {r['n_anchors']} anchors"
-                             for (src, mag), r in best.items()) + ".")
-  for r in res.get("real", []):
-    alarms = ", ".join(f"{k[len('alarm_'):]} {v:.2f}" for k, v in r.items() if k.startswith("alarm_"))
-    lines.append(f"Real drift {r['source']}: mean angle {r['angle_deg']:.2f} degrees (equivalent sigma "
-                 f"{r['equivalent_sigma']:.3g}); {main} AUC {r[main + '_auc']:.3f}, balanced accuracy "
-                 f"{r[main + '_balanced_accuracy']:.3f}, confidence {r[main + '_confidence']:.3f}, silent-failure rate "
-                 f"{_fmt(r[main + '_silent_failure_rate'])}; alarm fire rate {alarms}.")
-  if f"{main}_aug" in clean:
-    lines.append(f"Noise augmentation baseline: {main} trained with isotropic noise at sigma {s['augment_sigma']:.3g}; "
-                 f"clean AUC {clean[main + '_aug']['auc']:.3f} (vs {clean[main]['auc']:.3f}); cliffs in the table.")
-  return "\n".join(lines)
-
-
-# --- The report section ----------------------------------------------------------------------------
-
-
-def _curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str, title: str,
-            logx: bool = True, hline: float | None = None, xmin: float | None = None):
-  """A figure with one line per series, each with its own x. Series named "<group> / <variant>" get
-  one color per group and one line style per variant."""
-  fig, ax = plt.subplots(figsize=(6.8, 4.2))
-  groups, variants = {}, {}
-  styles = ("-", "--", ":", "-.")
-  for name, (x, y) in series.items():
-    group, _, variant = str(name).partition(" / ")
-    c = groups.setdefault(group, f"C{len(groups) % 10}")
-    ls = variants.setdefault(variant, styles[len(variants) % len(styles)])
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    keep = (x > 0 if logx else np.ones_like(x, bool)) & (x >= (xmin or -np.inf))
-    ax.plot(x[keep], y[keep], color=c, linestyle=ls, marker="o", markersize=2.5, linewidth=1.3, label=str(name))
-  if hline is not None:
-    ax.axhline(hline, color="grey", linestyle=":", linewidth=1)
-  if logx:
-    ax.set_xscale("log")
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, ncol=2 if len(series) > 6 else 1)
-  fig.tight_layout()
-  return fig
-
-
-def _fmt(v, digits=3):
-  return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
-
-
-def drift_section(res: Mapping) -> report_lib.Section:
-  """The "drift" section of the report from the results dict `experiments/drift.py` builds."""
-  s = res["setup"]
-  tables, figures = [], []
-  sel = res["layer_selection"]
-  tables.append(report_lib.Table("layer_selection", ["pooling"] + [f"L{i}" for i in sel["layers"]],
-                                 [[p] + list(r) for p, r in zip(sel["poolings"], sel["val_auc"])],
-                                 caption="Validation ROC-AUC of a logistic probe per layer and pooling "
-                                 "(validation split carved from the training prompts)."))
-  figures.append(report_lib.Figure("layer_selection", charts.heatmap(
-    np.asarray(sel["val_auc"], float), [str(i) for i in sel["layers"]], sel["poolings"],
-    title="Validation ROC-AUC by layer and pooling", cbar_label="ROC-AUC", annotate=False),
-    "Probe validation ROC-AUC per (pooling, layer); the best cell is used below."))
-  fam = res["families"]
-  shown = ("auc", "auc_std", "balanced_accuracy", "confidence", "silent_failure_rate", "accuracy", "ece")
-  for name, f in fam.items():
-    cols = ["sigma", "angle_deg"] + [f"{p}_{m}" for p in f["probes"] for m in shown]
-    cols += [f"alarm_{st}" for st in f["alarm"]]
-    rows = []
-    for i, sg in enumerate(f["sigma"]):
-      row = [sg, f["angle"][i]]
-      for p in f["probes"]:
-        row += [f["probes"][p][m][i] for m in shown]
-      row += [f["alarm"][st][i] for st in f["alarm"]]
-      rows.append(row)
-    tables.append(report_lib.Table(f"sweep_{name}", cols, rows, caption=f"{name} drift: probe metrics (means over "
-                                   f"{s['repeats']} draws) and alarm fire rate per sigma (norm convention)."))
-  for xkey, xlabel, fname in (("sigma", "sigma (norm convention)", "auc_vs_sigma"),
-                              ("angle", "mean angular drift (degrees)", "auc_vs_angle")):
-    series = {}
-    for name, f in fam.items():
-      for p in f["probes"]:
-        if p == s["probe"] or name == "isotropic":  # every probe on the paper's family; the main one elsewhere
-          series[f"{name} / {p}"] = (f[xkey], f["probes"][p]["auc"])
-    real = sorted(res.get("real", []) if xkey == "angle" else [], key=lambda r: r["angle_deg"])
-    if real:  # real drift on the same angle axis
-      series[f"real drift / {s['probe']}"] = ([r["angle_deg"] for r in real], [r[f"{s['probe']}_auc"] for r in real])
-    figures.append(report_lib.Figure(fname, _curves(series, xlabel, "ROC-AUC", "Probe ROC-AUC under drift", hline=0.5,
-                                                    xmin=1e-3 if xkey == "sigma" else 0.05),
-                                     f"ROC-AUC against {xlabel}: every probe under isotropic drift, the main probe "
-                                     "under the other families and under real drift (changed weights)."))
-  series_c, series_s, series_a = {}, {}, {}
-  main = s["probe"]
-  for name, f in fam.items():
-    series_c[f"{name} / balanced accuracy"] = (f["angle"], f["probes"][main]["balanced_accuracy"])
-    series_c[f"{name} / mean confidence"] = (f["angle"], f["probes"][main]["confidence"])
-    series_s[name] = (f["angle"], f["probes"][main]["silent_failure_rate"])
-    for st, pw in f["alarm"].items():
-      series_a[f"{name} / {st}"] = (f["angle"], pw)
-  deg = "mean angular drift (degrees)"
-  figures.append(report_lib.Figure("confidence", _curves(series_c, deg, "", f"Accuracy vs confidence ({main} probe)",
-                                                         xmin=0.05, hline=0.5),
-                                   "Balanced accuracy (solid) falls while the mean confidence max(p, 1-p) (dashed) "
-                                   "barely moves: the failure is silent."))
-  figures.append(report_lib.Figure("silent_failures", _curves(
-    series_s, deg, f"share of errors with confidence > {s['silent_threshold']}", f"Silent failures ({main} probe)",
-    xmin=0.05), "Share of misclassifications made with high confidence."))
-  figures.append(report_lib.Figure("alarm_power", _curves(series_a, deg, "fire rate", "Label-free drift alarm",
-                                                          hline=s["alpha"], xmin=0.05),
-                                   f"Share of incoming windows of {s['window']} on which the alarm fires "
-                                   f"(alpha = {s['alpha']}); at zero drift this is the false-alarm rate."))
-  cl = res["cliffs"]
-  tables.append(report_lib.Table("cliffs", list(cl[0].keys()), [list(r.values()) for r in cl],
-                                 caption="Per family and probe: the cliff sigma (AUC first below the threshold), "
-                                 "its angle, metrics at the cliff, and the alarm's detection sigma."))
-  ra = res["reanchor"]
-  if ra:
-    tables.append(report_lib.Table("reanchor", list(ra[0].keys()), [list(r.values()) for r in ra],
-                                   caption="Orthogonal Procrustes re-anchoring from n anchor prompts embedded by "
-                                   "both versions: ROC-AUC and the share of lost AUC recovered."))
-    series = {}
-    for r in ra:
-      if r["bacc_clean"] - r["bacc_drifted"] < 0.02 and r["auc_clean"] - r["auc_drifted"] < 0.02:
-        continue  # this drift cost nothing: nothing to recover
-      name = f"{r['source']} @ {_fmt(r['magnitude'])} ({_fmt(r['angle_deg'], 2)} deg)"
-      series.setdefault(name, ([0], [r["bacc_drifted"]]))  # 0 anchors: the drifted probe
-      series[name][0].append(r["n_anchors"])
-      series[name][1].append(r["bacc_reanchored"])
-    if series:
-      figures.append(report_lib.Figure("reanchor", _curves(
-        series, "anchors (0: not re-anchored)", "balanced accuracy", "Re-anchoring (Procrustes)", logx=False,
-        hline=res["clean"][main]["balanced_accuracy"]), "Balanced accuracy of the main probe after Procrustes "
-        "re-anchoring vs the number of anchor prompts, for every drift that cost accuracy (line: clean)."))
-  if res.get("real"):
-    rr = res["real"]
-    tables.append(report_lib.Table("real_drift", list(rr[0].keys()), [list(r.values()) for r in rr],
-                                   caption="Real drift: the probe trained on the model's embeddings evaluated on "
-                                   "the same prompts embedded by a changed model."))
-  if res.get("separability"):
-    sp = res["separability"]
-    tables.append(report_lib.Table("separability", list(sp[0].keys()), [list(r.values()) for r in sp],
-                                   caption=res.get("separability_caption", "")))
-  summary = {"layer": s["layer"], "pooling": s["pooling"], "clean_auc": res["clean"][main]["auc"]}
-  for r in cl:
-    if r["probe"] == main:
-      summary[f"cliff_sigma/{r['family']}"] = r["cliff_sigma"]
-      summary[f"cliff_angle_deg/{r['family']}"] = r["cliff_angle_deg"]
-      summary[f"silent_rate_at_cliff/{r['family']}"] = r["silent_failure_rate_at_cliff"]
-      summary[f"bacc_cliff_sigma/{r['family']}"] = r["bacc_cliff_sigma"]
-  for st, v in res["alarm"]["false_alarm_rate"].items():
-    summary[f"false_alarm_rate/{st}"] = v
-  headlines = [report_lib.Headline("Drift probe clean ROC-AUC", res["clean"][main]["auc"], guide=(
-    f"frozen-embedding probe, layer {s['layer']} ({s['pooling']})"))]
-  iso = next((r for r in cl if r["probe"] == main and r["family"] == "isotropic"), None)
-  if iso is not None:
-    angle = iso["cliff_angle_deg"]
-    headlines.append(report_lib.Headline(
-      "Drift cliff (isotropic)", iso["cliff_sigma"], guide=(
-        f"sigma where AUC falls half-way to 0.5 ({_fmt(angle, 3)} deg); larger is more robust")))
-  return report_lib.Section(key="drift", title="Embedding drift: frozen-embedding safety probes",
-                            summary=summary, tables=tables, figures=figures, notes=res.get("notes", ""),
-                            headlines=headlines)

@@ -60,30 +60,44 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], errors: Any = None
   return fig
 
 
-def line_chart(x: Sequence[float], series: Mapping[str, Sequence[float]],
+def line_chart(x: Sequence[float] | None, series: Mapping[str, Any],
                errors: Mapping[str, Any] | None = None, xlabel: str = "", ylabel: str = "", title: str = "",
-               logx: bool = False) -> mpl_figure.Figure:
-  """One line per series over a shared x, with optional shaded error bands.
+               logx: bool = False, *, hline: float | None = None, xmin: float | None = None,
+               group_styles: bool = False) -> mpl_figure.Figure:
+  """One line per series, with optional shaded error bands.
 
   Args:
-    x: [N].
-    series: {name: y [N]}.
+    x: [N] shared by every series, or None when each series brings its own x (see `series`).
+    series: {name: y [N]} over the shared x, or (x=None) {name: (x [N_i], y [N_i])}.
     errors: {name: [N] symmetric or [2, N] (below, above) half-widths}; series without an entry get
       no band.
-    logx: log-scale x axis (e.g. for perturbation magnitudes).
+    logx: log-scale x axis (e.g. for perturbation magnitudes); points at x <= 0 are not drawn.
+    hline: a dotted grey reference line at this y (e.g. chance, or a clean baseline).
+    xmin: points left of xmin are not drawn.
+    group_styles: series named "<group> / <variant>" get one color per group and one line style per
+      variant (e.g. "isotropic / logreg" and "isotropic / mlp" share a color).
   """
-  x = np.asarray(x, dtype=float)
-  n = len(x)
   fig, ax = plt.subplots(figsize=(6.0, 3.8))
+  groups, variants, styles = {}, {}, ("-", "--", ":", "-.")
   for name, y in series.items():
-    y = np.asarray(y, dtype=float)
+    xs, y = (np.asarray(x, dtype=float), np.asarray(y, dtype=float)) if x is not None else \
+        (np.asarray(y[0], dtype=float), np.asarray(y[1], dtype=float))
+    n = len(xs)
     if y.shape != (n,):
-      raise ValueError(f"series {name!r} must have shape [{n}], got {y.shape}")
-    (line,) = ax.plot(x, y, marker="o", markersize=3, label=str(name))
+      raise ValueError(f"series {name!r} must have shape [{n}] (its x), got {y.shape}")
+    keep = (xs > 0 if logx else np.ones(n, bool)) & (xs >= (-np.inf if xmin is None else xmin))
+    style = {}
+    if group_styles:
+      group, _, variant = str(name).partition(" / ")
+      style = dict(color=groups.setdefault(group, f"C{len(groups) % 10}"),
+                   linestyle=variants.setdefault(variant, styles[len(variants) % len(styles)]))
+    (line,) = ax.plot(xs[keep], y[keep], marker="o", markersize=3, label=str(name), **style)
     e = _yerr((errors or {}).get(name), n)
     if e is not None:
       lo, hi = (e, e) if e.ndim == 1 else (e[0], e[1])
-      ax.fill_between(x, y - lo, y + hi, color=line.get_color(), alpha=0.2, linewidth=0)
+      ax.fill_between(xs[keep], (y - lo)[keep], (y + hi)[keep], color=line.get_color(), alpha=0.2, linewidth=0)
+  if hline is not None:
+    ax.axhline(hline, color="grey", linestyle=":", linewidth=1)
   if logx:
     ax.set_xscale("log")
   ax.set_xlabel(xlabel)
@@ -91,7 +105,7 @@ def line_chart(x: Sequence[float], series: Mapping[str, Sequence[float]],
   ax.set_title(title)
   ax.grid(alpha=0.3)
   if len(series) > 1:
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8 if len(series) <= 6 else 7, ncol=1 if len(series) <= 6 else 2)
   fig.tight_layout()
   return fig
 
