@@ -167,6 +167,13 @@ def changed_model(model, source: str, seed: int):
 
 def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
   """Everything above; writes workdir/drift/ and returns the "drift" section (the caller adds it)."""
+  if cfg.get("fair") and cfg.fair.enabled:  # issue 16: the fair test (lvs_jax/drift/fair.py), its own section
+    from lvs_jax.drift import fair
+
+    fair_section = fair.run(model, cfg, workdir, model_name)
+    if cfg.fair.only:
+      return fair_section
+    report_lib.Report(workdir).add_section(fair_section)
   d = os.path.join(workdir, "drift")
   emb_dir = os.path.join(d, "embeddings")
   os.makedirs(emb_dir, exist_ok=True)
