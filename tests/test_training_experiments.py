@@ -119,15 +119,42 @@ def test_harmful_finetune_smoke_writes_asr_trajectory_and_resumes(tmp_path, tiny
 
   from lvs_jax.drift import audit as drift_audit
   from lvs_jax.io import registry
-  from lvs_jax.training import recipes as sft
 
   base = registry.load_model(tiny_chat_model)
   ckdir = str(wd / "checkpoints")
   b, magnitude = drift_audit.changed_model(base, f"ckpt:{ckdir}@2", seed=0)
   assert magnitude == 2.0 and b.tokenizer is base.tokenizer
-  want = sft.checkpoint_params(ckdir, 2, base)
-  for got, ref in zip(jax.tree.leaves(b.params), jax.tree.leaves(want)):
-    np.testing.assert_array_equal(got, ref)
-  assert not np.array_equal(b.params.layers.wq, base.params.layers.wq)  # LoRA merged in
+  # Independently of checkpoint_params / Checkpointer.restore / lora.merge: the raw arrays of step 2 as
+  # orbax wrote them (no target), merged by hand as W + (alpha / rank) a @ b in float64.
+  import orbax.checkpoint as ocp
+
+  from lvs_jax.io import checkpoints
+  from lvs_jax.training import lora as lora_lib
+
+  raw = ocp.StandardCheckpointer().restore(os.path.join(ckdir, "2", "state"))
+  flat = {tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in p): v
+          for p, v in jax.tree_util.tree_flatten_with_path(raw)[0]}
+  adapters = {}
+  for path, v in flat.items():
+    if path[0] == "params" and path[-1] in ("a", "b") and path[-2] in lora_lib.MODULES:
+      adapters.setdefault(path[-2], {})[path[-1]] = np.asarray(v, np.float64)
+  assert adapters, f"no LoRA adapters among the checkpoint's params: {sorted(flat)[:12]}"
+  lcfg = checkpoints.read_metadata(ckdir, 2)["config"]["lora"]
+  scale = lcfg["alpha"] / lcfg["rank"]
+  merged = set()
+  for m, ab in adapters.items():
+    field = lora_lib.MODULES[m][0]
+    w0 = np.asarray(getattr(base.params.layers, field), np.float64)
+    want = w0 + scale * np.einsum("lir,lro->lio", ab["a"].reshape(w0.shape[0], -1, ab["a"].shape[-1]),
+                                  ab["b"].reshape(w0.shape[0], ab["b"].shape[1], -1)).reshape(w0.shape)
+    got = np.asarray(getattr(b.params.layers, field), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=field)
+    assert np.abs(got - w0).max() > 1e-6, field  # the adapter moved the weight (b is no longer zero)
+    merged.add(field)
+  for field in set(vars(base.params.layers)) - merged:  # every other weight is the base's
+    w0 = getattr(base.params.layers, field)
+    if w0 is not None:
+      np.testing.assert_array_equal(getattr(b.params.layers, field), w0, err_msg=field)
+  np.testing.assert_array_equal(b.params.embed, base.params.embed)
   with pytest.raises(ValueError, match=r"no committed step 7 .*committed: \[0, 1, 2\]"):
     drift_audit.changed_model(base, f"ckpt:{ckdir}@7", seed=0)
