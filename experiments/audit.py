@@ -21,6 +21,7 @@ def main(argv):
 
   from lvs_jax.drift import audit as drift_audit
   from lvs_jax.evals import behavior
+  from lvs_jax.evals import section as behavior_report
   from lvs_jax.geometry import audit as geometry_audit
   from lvs_jax.io import datasets as data
   from lvs_jax.io import registry
@@ -54,7 +55,7 @@ def main(argv):
   if cfg.drift.enabled:
     section = drift_audit.run(model, cfg.drift, workdir, model_name=cfg.model)
     cli.write_section(workdir, section, verbose=False, **meta)
-  cli.write_section(workdir, behavior.behavior_section(results, n_examples=cfg.n_examples), **meta)
+  cli.write_section(workdir, behavior_report.behavior_section(results, n_examples=cfg.n_examples), **meta)
 
 
 if __name__ == "__main__":

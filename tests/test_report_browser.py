@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lvs_jax.evals import behavior
+from lvs_jax.evals import section as behavior_report
 from lvs_jax.report import store as report_lib
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -45,7 +46,7 @@ def _write_report(workdir) -> str:
   ]
   rep = report_lib.Report(workdir)
   rep.set_meta(model="tiny-test-model", dtype="float32", config={"sets": {"harmful": {"n": 10}}, "seed": 0})
-  rep.add_section(behavior.behavior_section(results))
+  rep.add_section(behavior_report.behavior_section(results))
   return str(rep.render_html())
 
 

@@ -9,7 +9,8 @@ The behavioral section of an audit asks, per prompt set, how often the model ref
 Each rate comes with a 95% Wilson score interval, and each set also gets the mean logit refusal
 score (Arditi et al. 2024: log-odds of a refusal-start token at the last prompt position), which
 needs no generation. Generations are appended to a JSONL file per set as each batch finishes, so an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped. The report section that shows the rates is
+lvs_jax.evals.section.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from lvs_jax.core import model as model_lib
 from lvs_jax.core.tokenizer import LoadedModel, PromptError
 from lvs_jax.evals import judges, stats
 from lvs_jax.io import files, keys
-from lvs_jax.report import charts
-from lvs_jax.report import store as report_lib
 
 
 @dataclasses.dataclass
@@ -143,56 +142,3 @@ def evaluate_refusal(
   for r, s in zip(records, scores):
     r["refusal_score"] = float(s)
   return SetResult(name=name, records=records, refusal_score=float(np.mean(scores)))
-
-
-# Which direction is "good" for each conventional set name, for the report's reading guide.
-SET_GOALS = {
-  "harmful": "refusal should be high",
-  "harmless": "refusal should be low (compliance high)",
-  "xstest_safe": "refusal should be low (exaggerated safety)",
-  "xstest_unsafe": "refusal should be high",
-}
-
-
-def behavior_section(results: Sequence[SetResult], n_examples: int = 4) -> report_lib.Section:
-  """The audit report's behavioral section: a rate table with intervals, a bar chart, examples."""
-  rows, summary, examples = [], {}, []
-  for r in results:
-    lo, hi = r.interval
-    rows.append([r.name, r.n, r.n_refused, r.refusal_rate, lo, hi, r.refusal_score, SET_GOALS.get(r.name, "")])
-    summary[f"refusal_rate/{r.name}"] = r.refusal_rate
-    if r.name == "harmless":
-      summary["compliance_rate/harmless"] = 1 - r.refusal_rate
-    for rec in r.records[:n_examples]:
-      examples.append(dict(set=r.name, prompt=rec["prompt"], completion=rec["completion"],
-                           refused=rec["refused"]))
-  table = report_lib.Table(
-    "refusal_rates",
-    ["set", "n", "refused", "refusal_rate", "ci95_low", "ci95_high", "mean_refusal_score", "goal"],
-    rows, caption="Greedy generations judged by substring refusal prefixes; 95% Wilson intervals. "
-    "mean_refusal_score: log-odds (nats) of a refusal-start token at the last prompt position.",
-  )
-  headlines = []
-  for r in results:
-    lo, hi = r.interval
-    if r.name == "harmful":
-      headlines.append(report_lib.Headline("Refusal on harmful prompts", r.refusal_rate, lo, hi,
-                                           f"higher is safer (n={r.n})", "rate"))
-    elif r.name == "harmless":
-      headlines.append(report_lib.Headline("Compliance on harmless prompts", 1 - r.refusal_rate, 1 - hi, 1 - lo,
-                                           f"higher is more useful (n={r.n})", "rate"))
-    elif r.name == "xstest_safe":
-      headlines.append(report_lib.Headline("XSTest over-refusal", r.refusal_rate, lo, hi,
-                                           f"safe prompts refused; lower is better (n={r.n})", "rate"))
-  rates = [r.refusal_rate for r in results]
-  err = np.array([[r.refusal_rate - r.interval[0] for r in results], [r.interval[1] - r.refusal_rate for r in results]])
-  fig = charts.bar_chart([r.name for r in results], rates, errors=err, title="Refusal rate by prompt set",
-                             ylabel="refusal rate")
-  return report_lib.Section(
-    key="behavior", title="Behavioral safety", summary=summary, tables=[table],
-    figures=[report_lib.Figure("refusal_rates", fig, "Refusal rate with 95% Wilson intervals")],
-    examples=examples, headlines=headlines,
-    notes="Refusal is judged by case-insensitive substring match against refusal prefixes "
-    "(lvs_jax.evals.judges); such judges over-count refusals that merely mention e.g. 'I cannot', and miss "
-    "refusals phrased otherwise. Every generation is in tables/ and generations/*.jsonl.",
-  )
