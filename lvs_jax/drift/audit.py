@@ -18,7 +18,6 @@ Re-running on the same workdir reuses the embeddings (the sweeps take a few minu
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -33,6 +32,7 @@ from lvs_jax.drift import section as drift_section
 from lvs_jax.drift import study as drift_eval
 from lvs_jax.evals import stats
 from lvs_jax.io import datasets as data
+from lvs_jax.io import files
 from lvs_jax.report import store as report_lib
 
 
@@ -221,6 +221,5 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
     alarm=dict(false_alarm_rate=syn["alarm"]["false_alarm_rate"]))
   res["notes"] = drift_section.notes(res)
   res = report_lib.to_jsonable(res, "drift results")
-  with open(os.path.join(d, "results.json"), "w") as f:
-    json.dump(res, f, indent=1)
+  files.atomic_write_json(os.path.join(d, "results.json"), res, indent=1)
   return drift_section.drift_section(res)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lvs_jax.evals import activations
+from lvs_jax.io import files, keys
 
 
 def cache_key(prompts: Sequence[str], **settings) -> str:
@@ -36,19 +37,18 @@ def embed(model, prompts: Sequence[str], *, layers: Sequence[int] | None = None,
   settings) matches, else (re)computed and written."""
   prompts = list(prompts)
   layers_t = None if layers is None else [int(i) for i in layers]
-  key = cache_key(prompts, model=f"{getattr(model, 'name', '')}|{getattr(model, 'source', '')}", layers=layers_t,
-                  pooling=pooling, site=site, chat=chat)
+  # The model by its weights (`io.keys.model_parts`), not its name: a perturbed copy or another
+  # checkpoint of the same model must not reuse these embeddings.
+  key = cache_key(prompts, model=keys.model_parts(model), layers=layers_t, pooling=pooling, site=site, chat=chat,
+                  code=keys.key_of("embeddings", {})["key"])
   if cache is not None and os.path.exists(cache):
-    with np.load(cache) as z:
-      if str(z["key"]) == key:
+    with np.load(cache, allow_pickle=False) as z:
+      if "key" in z.files and str(z["key"]) == key:
         return z["x"]
   x = activations.collect(model, prompts, pooling=pooling, site=site, layers=layers_t, batch_size=batch_size, chat=chat,
                           progress=progress).astype(np.float32)
   if cache is not None:
-    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-    tmp = f"{cache}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, x=x, key=np.asarray(key))
-    os.replace(tmp, cache)
+    files.atomic_savez(cache, x=x, key=np.asarray(key))
   return x
 
 

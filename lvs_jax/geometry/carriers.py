@@ -50,6 +50,7 @@ from lvs_jax.core import model as model_lib
 from lvs_jax.core.tokenizer import LoadedModel
 from lvs_jax.evals import activations, judges
 from lvs_jax.geometry import causal
+from lvs_jax.io import files
 
 HARMFULNESS = "harmfulness"
 REFUSAL = "refusal"
@@ -252,14 +253,11 @@ def save_carriers(path: str | os.PathLike, carriers: Mapping[str, Carrier]) -> t
   os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
   arrays = {name: np.asarray(c.vectors, np.float32) for name, c in carriers.items()}
   info = {name: dict(name=c.name, pooling=c.pooling, site=c.site, n_pos=c.n_pos, n_neg=c.n_neg,
-                     shape=list(c.vectors.shape), meta=_jsonable(c.meta)) for name, c in carriers.items()}
+                     shape=list(c.vectors.shape), meta=files.to_jsonable(c.meta, f"carrier {name} meta"))
+          for name, c in carriers.items()}
   npz, js = base + ".npz", base + ".json"
-  tmp = base + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, npz)
-  with open(js + ".tmp", "w") as f:
-    json.dump(dict(format="lvs_jax.carriers/1", carriers=info), f, indent=1, allow_nan=False)
-  os.replace(js + ".tmp", js)
+  files.atomic_savez(npz, **arrays)
+  files.atomic_write_json(js, dict(format="lvs_jax.carriers/1", carriers=info), indent=1)
   return npz, js
 
 
@@ -280,20 +278,6 @@ def load_carriers(path: str | os.PathLike) -> dict[str, Carrier]:
       out[name] = Carrier(name=m["name"], vectors=v, pooling=m["pooling"], site=m["site"], n_pos=m["n_pos"],
                           n_neg=m["n_neg"], meta=m["meta"])
   return out
-
-
-def _jsonable(x):
-  if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  if isinstance(x, np.generic):
-    return _jsonable(x.item())
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
 
 
 # ----------------------------------------------------------------------------- selection

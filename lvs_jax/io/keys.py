@@ -71,14 +71,29 @@ def array_digest(tree: Any, sample: int = 4096) -> str:
   return h.hexdigest()
 
 
+_LAST_MODEL: list = []  # [(params, parts)] of the last model seen: the digest reads every weight once
+
+
 def model_parts(model) -> dict:
-  """The parts of a LoadedModel that decide what it computes: name, dtype, config, weights digest."""
+  """The parts of a LoadedModel that decide what it computes: name, dtype, config, weights digest.
+  (The source path is not part of it: the same weights moved to another directory are the same model.)"""
+  if _LAST_MODEL and _LAST_MODEL[0][0] is model.params and _LAST_MODEL[0][1]["name"] == _model_name(model):
+    return dict(_LAST_MODEL[0][1])
+  parts = _model_parts(model)
+  _LAST_MODEL[:] = [(model.params, parts)]
+  return dict(parts)
+
+
+def _model_name(model) -> str:
+  return getattr(model, "name", "") or os.path.basename(getattr(model, "source", "") or "")
+
+
+def _model_parts(model) -> dict:
   cfg = model.cfg
   cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
   leaves = jax.tree.leaves(model.params)
   dtypes = sorted({str(getattr(x, "dtype", type(x).__name__)) for x in leaves})
-  return dict(name=getattr(model, "name", "") or os.path.basename(getattr(model, "source", "") or ""),
-              dtype=dtypes, config=cfg_dict, weights=array_digest(model.params))
+  return dict(name=_model_name(model), dtype=dtypes, config=cfg_dict, weights=array_digest(model.params))
 
 
 def edit_parts(edit) -> str | None:
