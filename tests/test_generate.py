@@ -100,3 +100,32 @@ def test_sampled_generation_runs_and_differs_by_seed():
   c, _ = gen.generate_tokens(params, jnp.asarray(toks), jnp.asarray(mask), cfg, key=jax.random.key(2), **kw)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert (np.asarray(a) != np.asarray(c)).any()
+
+
+def test_completion_ids_drop_the_final_eos_only():
+  out = np.array([[5, 2, 0, 0], [7, 8, 9, 4], [2, 0, 0, 0]])
+  assert gen.completion_ids(out, np.array([2, 4, 1]), (2,)) == [[5], [7, 8, 9, 4], []]
+
+
+def test_generate_compiles_once_for_any_prompt_count(monkeypatch):
+  """3 and then 5 prompts with batch_size 4: every batch is padded to 4 rows, so one compilation serves
+  both calls (before, 3 prompts compiled a batch of 3 and the 5-prompt call a batch of 4)."""
+  from lvs_jax.core.tokenizer import LoadedModel
+  from tests import helpers
+  from tests.test_carriers import _tiny_tokenizer
+
+  tok = _tiny_tokenizer("smollm2")
+  cfg, params = helpers.tiny("llama", vocab_size=len(tok.hf), max_position=256)
+  model = LoadedModel(cfg=cfg, params=params, tokenizer=tok)
+  traces = []
+  forward = model_lib.forward
+  monkeypatch.setattr(model_lib, "forward", lambda *a, **k: traces.append(1) or forward(*a, **k))
+  gen.generate_tokens.clear_cache()
+  prompts = ["How to bake bread", "the home", "make the bread", "user system", "How the home"]
+  few = gen.generate(model, prompts[:3], max_new_tokens=3, batch_size=4)
+  n = len(traces)
+  assert n == 2  # one trace: the prefill call and the decoding loop's body
+  many = gen.generate(model, prompts, max_new_tokens=3, batch_size=4)
+  assert len(traces) == n, "a second compilation"
+  assert few.completions == many.completions[:3]
+  assert len(many.completions) == 5 and len(many.tokens) == 5
