@@ -230,3 +230,14 @@ def test_cell_effects_planted():
   h = by[("harmless", "add+1_ref")]
   assert (h["outcome"], h["coefficient"], h["rate"]["effect"], h["rate"]["delta"]) == ("refusal", 1.0, 0.5, 0.5)
   assert by[("harmless", "add+1_harm")]["score"]["effect"] == pytest.approx(4.0)
+
+
+# --- statistics without scipy ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q,df,want", [(0.975, 1, 12.706204736), (0.975, 2, 4.302652730), (0.975, 4, 2.776445105),
+                                       (0.975, 29, 2.045229642), (0.95, 10, 1.812461123), (0.025, 4, -2.776445105)])
+def test_t_quantile_matches_the_t_table(q, df, want):
+  from lvs_jax.evals import stats
+
+  assert stats.t_quantile(q, df) == pytest.approx(want, rel=2e-6)

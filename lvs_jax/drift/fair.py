@@ -263,14 +263,14 @@ def _isotropic_draws(probe, x, y, sigma, key, repeats, convention, threshold):
 def binormal_auc(probe: probes.Probe, x, y, sigmas, convention: str) -> np.ndarray:
   """The binormal prediction of a logistic probe's AUC [S] under isotropic drift at sigmas (module docstring);
   at sigma = 0 it is the clean binormal AUC."""
-  from scipy.stats import norm  # scipy ships with scikit-learn
+  from jax.scipy.stats import norm
 
   w = np.asarray(probe_normal(probe), np.float64)
   u = np.asarray(drift.unit(jnp.asarray(x, jnp.float32)), np.float64)
   proj, yb = u @ w, np.asarray(y).astype(bool)
   gap, var = proj[yb].mean() - proj[~yb].mean(), proj[yb].var() + proj[~yb].var()
   s = np.asarray([drift.noise_scale(float(sg), u.shape[1], convention) for sg in sigmas], np.float64)
-  return norm.cdf(gap / np.sqrt(var + 2 * s ** 2))
+  return np.asarray(norm.cdf(gap / np.sqrt(var + 2 * s ** 2)), np.float64)
 
 
 def _interp_log(sigmas, values, s) -> float:
@@ -286,7 +286,7 @@ def _interp_log(sigmas, values, s) -> float:
 
 def interval(samples, level: float = 0.95) -> tuple[float, float, float]:
   """(mean, low, high) of per-seed values: the t-interval of the mean (nan-aware; a single value has none)."""
-  from scipy.stats import t
+  from lvs_jax.evals.stats import t_quantile
 
   v = np.asarray(samples, np.float64)
   v = v[np.isfinite(v)]
@@ -295,7 +295,7 @@ def interval(samples, level: float = 0.95) -> tuple[float, float, float]:
   m = float(v.mean())
   if v.size == 1:
     return m, float("nan"), float("nan")
-  h = float(t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+  h = float(t_quantile(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
   return m, m - h, m + h
 
 

@@ -252,7 +252,7 @@ def isotropic_margin(probe: probes.Probe, x, y, level: float) -> dict[str, float
   z = Phi^-1(level). Returns {gap_deg, spread_deg (pooled within-class std), binormal_auc (at sigma
   0), predicted_cliff_sigma, dim}; nan for non-linear probes.
   """
-  from scipy.stats import norm  # scipy ships with scikit-learn
+  from jax.scipy.stats import norm
 
   if probe.kind != "logreg":
     return dict(gap_deg=float("nan"), spread_deg=float("nan"), binormal_auc=float("nan"),
@@ -263,7 +263,7 @@ def isotropic_margin(probe: probes.Probe, x, y, level: float) -> dict[str, float
   proj, yb = u @ w, np.asarray(y).astype(bool)
   gap = proj[yb].mean() - proj[~yb].mean()
   var = proj[yb].var() + proj[~yb].var()
-  z = norm.ppf(level)
+  z = float(norm.ppf(level))
   d = u.shape[1]
   inside = gap ** 2 / z ** 2 - var
   return dict(gap_deg=math.degrees(gap), spread_deg=math.degrees(math.sqrt(var / 2)),

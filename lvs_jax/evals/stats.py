@@ -5,6 +5,7 @@
   percentile_interval(samples)     the (low, high) percentile interval over axis 0 of bootstrap samples
   bootstrap_mean(x)                mean of x [..., N] over its last axis with a percentile bootstrap interval
   unit(x)                          rows of x [..., D] scaled to unit L2 norm (jit/vmap/grad-safe)
+  t_quantile(q, df)                Student's t quantile (jax.scipy.stats has no t.ppf; no scipy needed)
 
 Every bootstrap over prompts in the project (LVS per layer, paired carrier effects, carrier coupling)
 draws its resamples with `bootstrap_indices` (or stratified counts built the same way) and reads its
@@ -60,3 +61,22 @@ def bootstrap_mean(x, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95)
 def unit(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """Rows of x [..., D] scaled to unit L2 norm (a zero row stays zero: the norm is floored at eps)."""
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def t_quantile(q: float, df: float) -> float:
+  """The q-quantile of Student's t with df degrees of freedom, q in (0, 1): bisection on the CDF
+  1 - I_{df / (df + t^2)}(df / 2, 1 / 2) / 2 (t > 0; `jax.scipy.special.betainc`) to ~1e-6 relative."""
+  if not 0 < q < 1 or not df > 0:
+    raise ValueError(f"t_quantile needs 0 < q < 1 and df > 0, got q={q}, df={df}")
+  if q < 0.5:
+    return -t_quantile(1 - q, df)
+  tail = lambda x: 0.5 * float(jax.scipy.special.betainc(df / 2, 0.5, df / (df + x * x)))  # P(T > x)
+  lo, hi = 0.0, 1.0
+  while tail(hi) > 1 - q:
+    lo, hi = hi, 2 * hi
+  for _ in range(64):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if tail(mid) > 1 - q else (lo, mid)
+    if hi - lo <= 1e-7 * hi:
+      break
+  return (lo + hi) / 2

@@ -33,19 +33,14 @@ agree). Principal angles between two subspaces are the arccos of the singular va
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits  # declared in setup.cfg
 
 from lvs_jax.evals.stats import percentile_interval
 from lvs_jax.geometry import carriers
-
-try:  # installed with scikit-learn; optional
-  from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-  threadpool_limits = None
 
 
 def _single_threaded_blas(fn):
@@ -54,8 +49,7 @@ def _single_threaded_blas(fn):
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    ctx = threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
-    with ctx:
+    with threadpool_limits(1, user_api="blas"):
       return fn(*args, **kwargs)
 
   return wrapped
