@@ -76,11 +76,15 @@ def setup(argv):
   quiet_third_party_logs()
   import jax
 
+  from lvs_jax.core import distributed
+
   f = flags.FLAGS
-  if f.distributed or os.environ.get("LVS_DISTRIBUTED"):
-    jax.distributed.initialize()
+  # Multi-process when asked, or when the cluster says so (Slurm with several tasks, LVS_COORDINATOR).
+  distributed.initialize(force=bool(f.distributed or os.environ.get("LVS_DISTRIBUTED")))
   jax.config.update("jax_default_matmul_precision", matmul_precision(f.config))
-  os.makedirs(f.workdir, exist_ok=True)
+  if distributed.is_writer():  # one writer: process 0 owns the workdir
+    os.makedirs(f.workdir, exist_ok=True)
+  distributed.barrier("lvs_workdir")
   return f.config, f.workdir
 
 
@@ -91,6 +95,8 @@ def write_section(workdir: str, section, verbose: bool = True, **meta) -> None:
 
   from lvs_jax.report import store as report_lib
 
+  if jax.process_index() != 0:  # one writer: under jax.distributed only process 0 writes the report
+    return
   rep = report_lib.Report(workdir)
   rep.set_meta(backend=jax.default_backend(), **meta)
   rep.add_section(section)

@@ -206,7 +206,7 @@ class Checkpointer:
     self.metadata = dict(metadata or {})
     self.log = log or logging.warning
     self._mngr: ocp.CheckpointManager | None = None
-    if not read_only:
+    if not read_only and jax.process_index() == 0:  # one writer; orbax coordinates the processes' shards
       os.makedirs(self.directory, exist_ok=True)
 
   @property
@@ -258,7 +258,11 @@ class Checkpointer:
     mngr.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
                                                 META_ITEM: ocp.args.JsonSave(meta)}), force=True)
     mngr.wait_until_finished()
-    write_commit(path, step)
+    from lvs_jax.core import distributed
+
+    if distributed.is_writer():  # one writer of the commit record; the other processes wait for it
+      write_commit(path, step)
+    distributed.barrier(f"lvs_checkpoint_commit_{step}")
     return True
 
   def restore(self, step: int, abstract_state, *, verified: bool = False) -> tuple[Any, dict]:

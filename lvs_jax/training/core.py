@@ -402,6 +402,8 @@ def train_loop(state: TrainState, step_fn: Callable, dataset: Dataset, num_steps
   """
   start = int(state.step)
   rows = []
+  if metrics_path and jax.process_index() != 0:
+    metrics_path = None  # one writer: under jax.distributed only process 0 writes the metrics file
   if metrics_path:
     rows = read_metrics(metrics_path, max_step=start)
     _rewrite(metrics_path, rows)
