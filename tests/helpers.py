@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.config import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def experiment_config(name: str):
+  """experiments/configs/<name>.py as a module (its section_config(), make_smoke(), get_config())."""
+  from lvs_jax.core import cli
+
+  return cli.config_module(os.path.join(ROOT, "experiments", "configs", f"{name}.py"))
+
 
 TINY = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
             rope_theta=10000.0, max_position=256)

@@ -6,7 +6,7 @@ import types
 import jax
 import numpy as np
 import pytest
-from helpers import tiny
+from helpers import experiment_config, tiny
 
 from lvs_jax.core.tokenizer import LoadedModel
 from lvs_jax.drift import probes
@@ -38,7 +38,7 @@ def test_lvs_cells_draw_a_fresh_key_for_every_batch(tmp_path, monkeypatch):
   monkeypatch.setattr(lvs, "pgd_attack", fake_pgd)
   monkeypatch.setattr(lvs, "generate_under_delta", lambda model, batch, layer, delta, n: ["ok"] * len(batch))
   monkeypatch.setattr(lvs_audit.judges, "refusal_token_ids", lambda tok: [0])
-  cfg = lvs_audit.default_config()
+  cfg = experiment_config("lvs").section_config()
   cfg.update(batch_size=1, layers=(1, 2), radii=(0.1, 0.2), random_start=True)
   cfg_m, params = tiny()
   model = types.SimpleNamespace(tokenizer=None, params=params, cfg=cfg_m, name="tiny")
@@ -63,10 +63,9 @@ def test_drift_study_never_feeds_one_key_to_two_draws(monkeypatch):
   monkeypatch.setattr(drift_eval.drift, "make_drift", spy("drift_basis", drift_eval.drift.make_drift, at=1))
   monkeypatch.setattr(drift_eval, "reanchor_scores", spy("anchor_draws", drift_eval.reanchor_scores))
   monkeypatch.setattr(drift_eval, "alarm_power", spy("alarm_windows", drift_eval.alarm_power))
-  from lvs_jax.drift import audit as drift_audit
-
-  cfg = drift_audit.default_config()
-  drift_audit.make_smoke(cfg)
+  drift_config = experiment_config("drift")
+  cfg = drift_config.section_config()
+  drift_config.make_smoke(cfg)
   cfg.sweep.update(families=("isotropic",), sigmas=(0.0, 0.1, 1.0, 3.0))
   cfg.augment.update(sigma=0.5, copies=1)
   rng = np.random.default_rng(0)
@@ -110,7 +109,7 @@ def test_a_pgd_cell_is_reused_only_when_everything_that_produced_it_matches(tmp_
   # Before content keys a cell was reused whenever prompts and radius matched: a run with other steps,
   # another model or other targets silently reported the first run's success flags.
   calls = _fake_attack(monkeypatch)
-  cfg = lvs_audit.default_config()
+  cfg = experiment_config("lvs").section_config()
   cfg.update(batch_size=2, layers=(1,), radii=(0.1, 0.2), steps=2)
   m1 = types.SimpleNamespace(tokenizer=None, params=tiny(seed=0)[1], cfg=tiny()[0], name="tiny")
   m2 = types.SimpleNamespace(tokenizer=None, params=tiny(seed=1)[1], cfg=tiny()[0], name="tiny")

@@ -12,11 +12,16 @@ With the safety-geometry section: --config.geometry.enabled=True
 With the embedding-drift section: --config.drift.enabled=True
 """
 
+import os
+
 import ml_collections
 
-from lvs_jax.drift import audit as drift_audit
-from lvs_jax.geometry import audit as geometry_audit
-from lvs_jax.lvs import audit as lvs_audit
+from lvs_jax.core import cli
+
+# The sections' defaults live in their own experiments' config files (one copy of each).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+lvs_config, geometry_config, drift_config = (cli.config_module(os.path.join(_HERE, f"{name}.py"))
+                                             for name in ("lvs", "geometry", "drift"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,20 +41,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sets.xstest_unsafe = dict(path="xstest", label="unsafe", n=0)
   # Latent vulnerability section (experiments/lvs.py runs it alone): off by default, it takes
   # 10-20 CPU minutes. Enable with --config.lvs.enabled=True.
-  c.lvs = lvs_audit.default_config()
+  c.lvs = lvs_config.section_config()
   c.lvs.enabled = False
   # Safety-geometry section (experiments/geometry.py runs it alone): off by default, it takes about
   # an hour of CPU. Enable with --config.geometry.enabled=True.
-  c.geometry = geometry_audit.default_config()
+  c.geometry = geometry_config.section_config()
   c.geometry.enabled = False
   # Embedding-drift section (experiments/drift.py runs it alone): off by default, it takes 15-25
   # CPU minutes. Enable with --config.drift.enabled=True.
-  c.drift = drift_audit.default_config()
+  c.drift = drift_config.section_config()
   c.drift.enabled = False
   if arg == "smoke":
-    lvs_audit.make_smoke(c.lvs)
-    geometry_audit.make_smoke(c.geometry)
-    drift_audit.make_smoke(c.drift)
+    lvs_config.make_smoke(c.lvs)
+    geometry_config.make_smoke(c.geometry)
+    drift_config.make_smoke(c.drift)
     c.max_new_tokens = 8
     c.batch_size = 2
     for name in c.sets:

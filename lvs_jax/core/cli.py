@@ -88,6 +88,21 @@ def setup(argv):
   return f.config, f.workdir
 
 
+def config_module(path: str):
+  """A config file (experiments/configs/<name>.py) as a module, loaded by path as --config loads it, so
+  that one config can build on another's defaults (experiments/ is not an installed package).
+  Raises FileNotFoundError naming the path."""
+  import importlib.util
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found")
+  name = "lvs_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def write_section(workdir: str, section, verbose: bool = True, **meta) -> None:
   """Adds `section` to workdir/report.json (keeping other experiments' sections), re-renders
   report.html and (verbose) prints the summary of every section."""

@@ -22,7 +22,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -34,54 +33,6 @@ from lvs_jax.evals import stats
 from lvs_jax.io import datasets as data
 from lvs_jax.io import files
 from lvs_jax.report import store as report_lib
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Every knob of the drift audit (about 15-25 minutes on a 2-core CPU with SmolLM2-135M)."""
-  c = ml_collections.ConfigDict()
-  c.enabled = True  # read by experiments/audit.py, which includes this section when True
-  c.seed = 0
-  c.batch_size = 16
-  c.chat = True  # apply the chat template before embedding
-  c.site = "resid_post"
-  c.poolings = ("last", "last_instruction", "mean")
-  c.layers = ()  # candidate layers for the probe; () = all
-  c.data = ml_collections.ConfigDict(dict(
-    harmful_train="harmful_train", harmless_train="harmless_train", n_harmful_train=0,
-    harmful_test="harmful_val", harmless_test="harmless_val", n_harmful_test=0, n_harmless_test=200,
-    val_fraction=0.2))
-  c.probe = ml_collections.ConfigDict(dict(
-    main="logreg", mlp=True, hidden=64, lr=1e-2, max_steps=400, patience=40, l2s=(1e-4, 1e-3, 1e-2, 1e-1)))
-  c.sweep = ml_collections.ConfigDict(dict(
-    # 0, a log grid from 1e-3 (0.06 degrees) to 10^0.5 (72 degrees), and the paper's 0.02 and 0.028.
-    sigmas=tuple(sorted({0.0, 0.02, 0.028, *(float(s) for s in np.round(np.logspace(-3, 0.5, 22), 6))})),
-    families=drift_eval.SWEEP_FAMILIES, repeats=8, subspace_k=64, convention="norm", silent_threshold=0.8,
-    cliff_auc=0.0))  # 0: the cliff is where AUC falls halfway from clean to 0.5
-  c.alarm = ml_collections.ConfigDict(dict(
-    statistics=("residual", "mean", "mmd"), alpha=0.05, window=64, n_windows=100, n_perm=200, k=16, power=0.9))
-  c.reanchor = ml_collections.ConfigDict(dict(
-    n_anchors=(8, 16, 32, 64, 128, 256), n_pool=256, repeats=4, identity_prior=1e-4, cliff_multiples=(1.0, 3.0)))
-  c.augment = ml_collections.ConfigDict(dict(sigma=0.0, copies=4))  # sigma 0: the main probe's isotropic cliff
-  # Real drift sources: "perturb:<rho>" (this model with every weight matrix W + rho ||W||_F/sqrt(n) N(0,1)),
-  # "ckpt:<run>/checkpoints@<step>" (consecutive checkpoints of a fine-tuning run of this model), or a
-  # registered name / path of another checkpoint with the same tokenizer (e.g. smollm2-135m-aligned).
-  c.real = ml_collections.ConfigDict(dict(
-    sources=("perturb:0.005", "perturb:0.01", "perturb:0.02", "perturb:0.05", "perturb:0.1", "perturb:0.2"),
-    separability_source="perturb:0.05"))
-  return c
-
-
-def make_smoke(c: ml_collections.ConfigDict) -> None:
-  """Shrinks a config to about a minute: 16 + 16 train and 8 + 8 test prompts, 3 layers, 2 poolings."""
-  c.poolings = ("last", "mean")
-  c.layers = (3, 15, 28)
-  c.batch_size = 8
-  c.data.update(n_harmful_train=16, n_harmful_test=8, n_harmless_test=8, val_fraction=0.25)
-  c.probe.update(mlp=False, max_steps=40, patience=10, l2s=(1e-3, 1e-2))
-  c.sweep.update(sigmas=(0.0, 0.01, 0.1, 1.0, 3.0), repeats=2, subspace_k=8)
-  c.alarm.update(window=8, n_windows=8, n_perm=20, k=4)
-  c.reanchor.update(n_anchors=(4, 8), n_pool=8, repeats=2, cliff_multiples=(1.0,))
-  c.real.update(sources=("perturb:0.05",), separability_source="perturb:0.05")
 
 
 def prompt_sets(cfg) -> dict:
