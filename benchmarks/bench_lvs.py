@@ -90,18 +90,12 @@ def torch_cell_metrics(tm, tt, tmask, pmask, tpos, targets, tw, ids, layer, vec,
   return score, tlp, kl
 
 
-def main(_):
+def bench_sweep(m, tm, ps, ids) -> tuple:
+  """The full-layer perturbation sweep: lvs_jax (one compiled call) vs a torch loop over cells.
+  Returns the (workload, lvs_jax s, torch s, compile s) row."""
   import torch
 
-  m = registry.load_model(FLAGS.model)
-  path, _ = registry.resolve(FLAGS.model)
-  tm = _torch_model(path)
-  ps = data.load_prompts("advbench")[: max(FLAGS.prompts, FLAGS.pgd_prompts)]
-  ids = jnp.asarray(judges.refusal_token_ids(m.tokenizer))
   L = m.cfg.n_layers
-  rows = []
-
-  # ---------------------------------------------------------------- sweep
   batch = sweeps.make_batch(m.tokenizer, list(ps)[: FLAGS.prompts], ps.targets[: FLAGS.prompts])
   layers = jnp.arange(L)
   mags = jnp.linspace(0.0, 0.5, FLAGS.magnitudes)
@@ -131,9 +125,14 @@ def main(_):
   torch_s = (time.perf_counter() - t0) * len(cells) / len(timed)
   scaled = len(cells) / len(timed)
   note = "" if len(timed) == len(cells) else f" (torch: {len(timed)} cells timed, scaled x{scaled:.0f})"
-  rows.append((f"sweep {L}x{FLAGS.magnitudes}x{FLAGS.directions}x{FLAGS.prompts}{note}", jax_s, torch_s, compile_s))
+  return f"sweep {L}x{FLAGS.magnitudes}x{FLAGS.directions}x{FLAGS.prompts}{note}", jax_s, torch_s, compile_s
 
-  # ---------------------------------------------------------------- PGD
+
+def bench_pgd(m, tm, ps, ids) -> tuple:
+  """PGD at one layer without early stopping: lvs_jax (compiled) vs the same loop in torch with hooks.
+  Returns the (workload, lvs_jax s, torch s, compile s) row."""
+  import torch
+
   pb = sweeps.make_batch(m.tokenizer, list(ps)[: FLAGS.pgd_prompts], ps.targets[: FLAGS.pgd_prompts])
   acfg = lvs.AttackConfig(steps=FLAGS.pgd_steps, success_loss=-1e9, random_start=False)  # no early stop
   eps, layer = 0.2, FLAGS.pgd_layer
@@ -180,9 +179,18 @@ def main(_):
 
   torch_pgd()  # warm-up
   torch_pgd_s = _median(torch_pgd, FLAGS.repeats)
-  rows.append((f"PGD {FLAGS.pgd_steps} steps x {FLAGS.pgd_prompts} prompts (layer {layer})", jax_pgd, torch_pgd_s,
-               pgd_compile))
+  return f"PGD {FLAGS.pgd_steps} steps x {FLAGS.pgd_prompts} prompts (layer {layer})", jax_pgd, torch_pgd_s, pgd_compile
 
+
+def main(_):
+  import torch
+
+  m = registry.load_model(FLAGS.model)
+  path, _ = registry.resolve(FLAGS.model)
+  tm = _torch_model(path)
+  ps = data.load_prompts("advbench")[: max(FLAGS.prompts, FLAGS.pgd_prompts)]
+  ids = jnp.asarray(judges.refusal_token_ids(m.tokenizer))
+  rows = [bench_sweep(m, tm, ps, ids), bench_pgd(m, tm, ps, ids)]
   dev = jax.devices()[0]
   print(f"\nmodel={FLAGS.model} device={dev.platform}:{dev.device_kind} jax={jax.__version__} "
         f"torch={torch.__version__} threads={torch.get_num_threads()} dtype=float32")
