@@ -1,5 +1,6 @@
 r"""Embedding drift of frozen-embedding safety probes: sweeps over drift magnitude, the cliff, silent
-failures, a label-free alarm, re-anchoring, real drift (lvs_jax/drift_audit.py does the work).
+failures, a label-free alarm, re-anchoring, real drift (lvs_jax/drift/audit.py runs it,
+lvs_jax/drift/section.py shows it).
 
   python experiments/drift.py --config=experiments/configs/drift.py --workdir=/tmp/drift
 

@@ -1,5 +1,6 @@
 r"""Safety geometry: harmfulness and refusal carriers, their coupling, causal sweeps against matched
-random controls, and the four behavioral diagnostics (lvs_jax/geometry_audit.py does the work).
+random controls, and the four behavioral diagnostics (lvs_jax/geometry/audit.py runs it,
+lvs_jax/geometry/section.py shows it).
 
   python experiments/geometry.py --config=experiments/configs/geometry.py --workdir=/tmp/geometry
 

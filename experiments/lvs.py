@@ -1,4 +1,4 @@
-r"""Latent Vulnerability Score and the audit gap (see lvs_jax/lvs.py for the definitions).
+r"""Latent Vulnerability Score and the audit gap (definitions: lvs_jax/lvs/attack.py).
 
   python experiments/lvs.py --config=experiments/configs/lvs.py --workdir=/tmp/lvs
 
