@@ -1,5 +1,6 @@
 """The safety-geometry audit: carriers, coupling, causal sweeps against matched controls, the four
-behavioral diagnostics, and the report's "geometry" section. Resumable step by step.
+behavioral diagnostics; returns the report's "geometry" section (lvs_jax.geometry.section draws it).
+Resumable step by step.
 
 Prompt sets (defaults; all bundled with the package, lvs_jax/prompts):
   carrier pool     harmful_train (260) + an equal-size seeded sample of harmless_train, plus
