@@ -92,10 +92,21 @@ def test_lvs_smoke_writes_section_and_resumes_cell_by_cell(tmp_path):
   rep = json.loads((tmp_path / "report.json").read_text())
   sec = rep["sections"]["lvs"]
   assert sec["summary"]["n_attacked"] == 3
-  assert 0.0 <= sec["summary"]["model_lvs_mean"] <= 1.0
   cells = sorted((tmp_path / "lvs" / "cells").glob("*.json"))  # not the content-key files (*.json.key.json)
   cells = [c for c in cells if not c.name.endswith(keys.KEY_SUFFIX)]
   assert [c.name for c in cells] == ["l1_r0.json", "l1_r1.json", "l20_r0.json", "l20_r1.json"]
+  # The headline LVS, recomputed from the cell files by LVS's per-prompt form (module docstring of
+  # lvs.attack): prompt i first broken at radius r_k scores (r_max - m_k) / (r_max - r_0 / 2), m_k the
+  # midpoint of (r_{k-1}, r_k]; never broken scores 0; mean over prompts, then over layers.
+  recs = {c.name: json.loads(c.read_text()) for c in cells}
+  radii = [recs["l1_r0.json"]["radius"], recs["l1_r1.json"]["radius"]]
+  mids = [radii[0] / 2, (radii[0] + radii[1]) / 2]
+  per_layer = []
+  for layer in (1, 20):
+    succ = [recs[f"l{layer}_r{k}.json"]["success"] for k in range(2)]
+    first = [next((k for k in range(2) if succ[k][i]), None) for i in range(3)]
+    per_layer.append(sum(0.0 if k is None else (radii[1] - mids[k]) / (radii[1] - radii[0] / 2) for k in first) / 3)
+  assert sec["summary"]["model_lvs_mean"] == pytest.approx(sum(per_layer) / 2, abs=1e-9)
   assert (tmp_path / "lvs" / "sweep.npz").exists()
   # Kill-and-resume, simulated: drop one finished cell; a re-run recomputes only that one.
   stamps = {c.name: c.stat().st_mtime_ns for c in cells}
