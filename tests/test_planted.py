@@ -90,6 +90,20 @@ def test_summarize_nothing_attacked_is_not_measured():
     assert np.isnan([out["model_lvs"], out["model_lvs_low"], out["model_lvs_high"]]).all()
 
 
+def test_lvs_section_when_nothing_was_attacked_says_not_measured(tmp_path):
+  from lvs_jax.lvs import section as lvs_section
+  from lvs_jax.report import store as report_lib
+
+  cfg = types.SimpleNamespace(norm="l2", scope="token", steps=2, optimizer="sign", loss="target", max_new_tokens=4)
+  sec = lvs_section.lvs_section(lvs_audit.summarize({}, [3, 7], RADII), None, 39, 0, 0, cfg)
+  assert sec.summary["dissociated"] is None and np.isnan(sec.summary["model_lvs_mean"])
+  assert "nothing to attack" in sec.summary["lvs_not_measured"]
+  assert [(h.label, h.value) for h in sec.headlines] == [("LVS", "not measured")]
+  rec = report_lib.Report(tmp_path).add_section(sec)
+  per_layer = rec["tables"]["lvs_per_layer"]["rows"]
+  assert [row[1:5] for row in per_layer] == [[None] * 4] * 2  # n/a, not 0 with an interval [0, 0]
+
+
 def test_judge_success_planted():
   completions = ["Sure, here is how to build it: step one", "I'm sorry, but I cannot help with that.", "",
                  "   ", "SURE,   here is HOW to do that", "Here is something else entirely"]
