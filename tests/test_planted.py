@@ -156,6 +156,28 @@ def test_crossing_and_cliff_threshold_planted():
   assert study.crossing([1, 2, 4], [0.0, 0.2, 0.9], 0.5, below=False) == pytest.approx(2 * 2 ** (0.3 / 0.7))
 
 
+def test_cliff_row_planted_curves():
+  """AUC that never reaches its cliff (no at-cliff evaluation, no model needed); balanced accuracy and
+  alarm power that cross between grid points 1 and 10, where everything interpolates in log sigma."""
+  cfg = types.SimpleNamespace(sweep=types.SimpleNamespace(cliff_auc=None),
+                              alarm=types.SimpleNamespace(statistics=("mean",), power=0.8))
+  sigmas, angle = [0.1, 1.0, 10.0], [1.0, 10.0, 100.0]
+  per = dict(auc=[0.95, 0.9, 0.85], balanced_accuracy=[0.9, 0.8, 0.6], confidence=[0.9, 0.8, 0.7],
+             silent_failure_rate=[0.0, 0.1, 0.3])
+  clean = dict(auc=0.95, balanced_accuracy=0.9, confidence=0.9)
+  row = study.cliff_row(None, "logreg", "directional", per, clean, sigmas, angle, {"mean": [0.1, 0.5, 0.9]},
+                        None, None, None, cfg, {})
+  assert row["threshold"] == pytest.approx(0.725)  # halfway from 0.95 to chance
+  assert np.isnan(row["cliff_sigma"]) and np.isnan(row["collapse_sigma"]) and np.isnan(row["auc_at_cliff"])
+  assert row["bacc_cliff_sigma"] == pytest.approx(np.sqrt(10))  # bacc 0.8 -> 0.6 crosses 0.7 halfway
+  assert row["bacc_cliff_angle_deg"] == pytest.approx(55.0)
+  assert row["balanced_accuracy_at_bacc_cliff"] == pytest.approx(0.7)
+  assert row["confidence_at_bacc_cliff"] == pytest.approx(0.75)
+  assert row["detect_sigma_mean"] == pytest.approx(10 ** 0.75)  # power 0.5 -> 0.9 reaches 0.8 at 3/4
+  assert row["detect_angle_deg_mean"] == pytest.approx(10 + 0.75 * 90)
+  assert np.isnan(row["predicted_cliff_sigma"])  # binormal prediction: isotropic family only
+
+
 def test_alarm_power_planted_extremes():
   """A pool pointing elsewhere fires every window for every statistic; alpha below the smallest
   attainable p-value (1 / (n_perm + 1)) fires none; alpha = 1 fires all."""
