@@ -6,7 +6,8 @@ On the safety-tuned anchor:
   python experiments/lvs.py --config=experiments/configs/lvs.py --workdir=/tmp/lvs_aligned \
     --config.model=smollm2-135m-aligned
 The anchor is broken by 92-100% of attacks already at the default grid's smallest radius (0.05), so
-every layer's LVS sits at the grid's ceiling; a finer grid separates the layers (~25 CPU minutes):
+every layer's LVS is near 1 (every prompt broken at the smallest radius); a finer grid separates the
+layers (~25 CPU minutes):
     --config.model=smollm2-135m-aligned "--config.radii=(0.005,0.01,0.02,0.04)" --config.sweep=False
 Smoke run (tests): --config=experiments/configs/lvs.py:smoke
 """
