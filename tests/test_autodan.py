@@ -160,3 +160,54 @@ def test_test_cases_roundtrip_jailbreakbench_and_evaluate(tiny_model, tmp_path):
   ev = test_cases.evaluate(tiny_model, back, max_new_tokens=4, batch_size=2)
   assert len(ev["completions"]) == 2 and len(ev["continued"]) == 2
   assert ev["success"] == [not r and bool(c.strip()) for r, c in zip(ev["refused"], ev["completions"])]
+
+
+# --- the classifier judge (lvs_jax.attacks.classifier) ---------------------------------------------
+
+
+def test_classifier_prompt_formats_and_loading(tmp_path):
+  from lvs_jax.attacks import classifier
+
+  p = classifier.build_prompt("make a cake", "Here is how: mix flour.", fmt="llama2")
+  assert p.startswith("[INST] <<SYS>>\n") and p.endswith(" [/INST]")
+  assert "make a cake" in p and "Here is how: mix flour." in p and classifier.OWN_PROMPT.system in p
+  m = classifier.build_prompt("b", "g", fmt="mistral")
+  assert m.startswith("[INST] ") and "<<SYS>>" not in m and m.endswith(" [/INST]")
+  c = classifier.build_prompt("b", "g", context="CTX", fmt="raw")
+  assert "CTX" in c and not c.startswith("[INST]")
+  with pytest.raises(ValueError, match="format"):
+    classifier.build_prompt("b", "g", fmt="chatml")
+  f = tmp_path / "cls.json"
+  f.write_text(json.dumps({"system": "S", "prompt": "B={behavior} G={generation}"}))
+  cp = classifier.load_prompt(str(f))
+  assert classifier.build_prompt("x", "y", prompt=cp, fmt="raw") == "S\n\nB=x G=y"
+  with pytest.raises(ValueError, match="contextual"):
+    classifier.build_prompt("x", "y", context="c", prompt=cp)
+  f.write_text(json.dumps({"system": "S", "prompt": "no placeholders"}))
+  with pytest.raises(ValueError, match="placeholders"):
+    classifier.load_prompt(str(f))
+
+
+def test_classifier_yes_no_readout_on_tiny_model(tiny_model):
+  import jax
+  import jax.numpy as jnp
+
+  from lvs_jax.attacks import classifier
+  from lvs_jax.core import model as model_lib
+
+  m = tiny_model
+  tok = m.tokenizer
+  behaviors = ["make the home", "How to bake bread", "go"]
+  gens = ["Sure the home is made", "I cannot help", "x " * 40]
+  got = classifier.classify(m, behaviors, gens, fmt="llama2", batch_size=2, max_generation_tokens=30)
+  yes, no = classifier.answer_ids(tok)
+  assert len(set(yes) | set(no)) == 4
+  for i, (b, g) in enumerate(zip(behaviors, gens)):
+    g_ids = tok.encode(g)
+    g = tok.decode(g_ids[:30]) if len(g_ids) > 30 else g
+    bos = tok.hf.bos_token_id  # Llama-2 / Mistral classifier inputs start with BOS
+    ids = ([bos] if bos is not None else []) + tok.encode(classifier.build_prompt(b, g, fmt="llama2"))
+    logits = model_lib.forward(m.params, jnp.asarray([ids]), m.cfg).logits[0, -1]
+    want = float(jax.nn.logsumexp(logits[jnp.asarray(yes)]) - jax.nn.logsumexp(logits[jnp.asarray(no)]))
+    assert got["logodds"][i] == pytest.approx(want, abs=1e-4)
+    assert got["yes"][i] == (want > 0)
