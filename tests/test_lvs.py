@@ -70,6 +70,33 @@ def test_sweep_per_layer_directions_and_last_only():
     sweeps.sweep(params, cfg, batch, jnp.array([1]), jnp.array([0.3]), jnp.ones((2, 5, cfg.d_model)), IDS)
 
 
+def test_next_token_kl_on_planted_distributions():
+  p, q = np.array([0.5, 0.25, 0.25]), np.array([0.25, 0.25, 0.5])
+  want = float(np.sum(p * np.log(p / q)))  # = 0.25 ln 2
+  got = sweeps.next_token_kl(jnp.log(jnp.asarray(p, jnp.float32)), jnp.log(jnp.asarray(q, jnp.float32)))
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  assert float(sweeps.next_token_kl(jnp.log(jnp.asarray(p)), jnp.log(jnp.asarray(p)))) == 0.0
+
+
+def test_delta_edit_stores_one_layer_and_equals_the_full_edit():
+  """delta_edit builds O(B S D) (one shared [B, S, D] tensor and an [L] mask), not [L, B, S, D], and the
+  model's output under it equals the full per-layer add edit exactly."""
+  cfg, params = tiny("llama")
+  batch = _batch(cfg)
+  B, tp, D = 3, 10, cfg.d_model
+  delta = 0.5 * jax.random.normal(jax.random.key(2), (B, tp, D))
+  total = tp + 6
+  e = lvs.delta_edit(cfg.n_layers, 1, delta, total)
+  assert sum(x.size for x in jax.tree.leaves(e)) == B * total * D + cfg.n_layers
+  full = jnp.zeros((B, total, D)).at[:, :tp].set(delta)
+  ref = {"resid_pre": edit_lib.SiteEdit(add=edit_lib.layer_mask(cfg.n_layers, 1)[:, None, None, None] * full[None])}
+  toks, mask = batch.tokens[:, :tp], batch.mask[:, :tp]
+  got = model_lib.forward(params, toks, cfg, attention_mask=mask, edit=e).logits
+  want = model_lib.forward(params, toks, cfg, attention_mask=mask, edit=ref).logits
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert float(jnp.abs(got - model_lib.forward(params, toks, cfg, attention_mask=mask).logits).max()) > 1e-3
+
+
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 @pytest.mark.parametrize("scope", ["token", "sequence"])
 @pytest.mark.parametrize("relative", [True, False])

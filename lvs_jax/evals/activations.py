@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from lvs_jax.core import batching
 from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.tokenizer import PromptError, Tokenizer
@@ -107,10 +108,7 @@ def collect(
   if not prompts:
     raise PromptError("collect(): empty prompt set")
   out = []
-  for b0 in tqdm(range(0, len(prompts), batch_size), desc="activations", disable=not progress):
-    chunk = prompts[b0:b0 + batch_size]
-    n = len(chunk)
-    chunk = chunk + [chunk[-1]] * (min(batch_size, len(prompts)) - n)
+  for chunk, n in tqdm(list(batching.pad_batches(prompts, batch_size)), desc="activations", disable=not progress):
     tokens, mask, t_start, t_inst, _ = prompt_positions(model.tokenizer, chunk, chat=chat)
     h = _pooled(model.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(t_start), jnp.asarray(t_inst),
                 model.cfg, site, pooling, edit)

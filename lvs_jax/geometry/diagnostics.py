@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvs_jax.core import batching
 from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import model as model_lib
 from lvs_jax.core.tokenizer import LoadedModel
@@ -249,13 +250,10 @@ def answer_logprobs(model: LoadedModel, questions: Sequence[str], answers: Seque
                     edit: edit_lib.Edit | None = None, batch_size: int = 16) -> np.ndarray:
   """log p(answer | chat-formatted question) summed over the answer's tokens -> [N] float64 (nats)."""
   questions, answers = list(questions), list(answers)
-  size = min(batch_size, len(questions))
   out = []
-  for b0 in range(0, len(questions), size):
-    rows = list(range(b0, min(len(questions), b0 + size)))
-    padded = rows + [rows[-1]] * (size - len(rows))
+  for padded, n in batching.pad_batches(range(len(questions)), batch_size):
     batch = sweeps.make_batch(model.tokenizer, [questions[i] for i in padded], [answers[i] for i in padded])
-    out.append(np.asarray(_answer_logprob(model.params, model.cfg, batch, edit), np.float64)[:len(rows)])
+    out.append(np.asarray(_answer_logprob(model.params, model.cfg, batch, edit), np.float64)[:n])
   return np.concatenate(out)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from lvs_jax.core import batching
 from lvs_jax.evals import behavior, judges
 from lvs_jax.io import files, keys
 from lvs_jax.lvs import attack as lvs
@@ -37,14 +38,6 @@ def load_targets(cfg):
   if cfg.n_prompts:
     ps = ps[: cfg.n_prompts]
   return list(ps), list(ps.targets or [cfg.target] * len(ps))
-
-
-def _batches(n: int, size: int):
-  return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
-
-
-def _pad_rows(rows, size):
-  return rows + [rows[-1]] * (size - len(rows))
 
 
 def sweep_key(model, prompts, targets, cfg) -> dict:
@@ -73,11 +66,10 @@ def run_sweep(model, prompts, targets, cfg, path: str) -> dict:
   layers = jnp.arange(model.cfg.n_layers)
   mags = jnp.asarray(cfg.sweep_magnitudes, jnp.float32)
   parts = []
-  for rows in tqdm(_batches(len(prompts), cfg.batch_size), desc="lvs sweep", unit="batch"):
-    pr = _pad_rows(rows, min(cfg.batch_size, len(prompts)))
+  for pr, n in tqdm(list(batching.pad_batches(range(len(prompts)), cfg.batch_size)), desc="lvs sweep", unit="batch"):
     batch = sweeps.make_batch(model.tokenizer, [prompts[i] for i in pr], [targets[i] for i in pr])
     res = sweeps.sweep(model.params, model.cfg, batch, layers, mags, dirs, ids, chunk=cfg.sweep_chunk)
-    parts.append({k: np.asarray(v)[..., :len(rows)] for k, v in res.items()})
+    parts.append({k: np.asarray(v)[..., :n] for k, v in res.items()})
   out = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
   out["magnitudes"] = np.asarray(mags)
   files.atomic_savez(path, **out)
@@ -91,10 +83,8 @@ def run_cells(model, prompts, targets, cfg, cell_dir: str) -> dict:
   acfg = lvs.AttackConfig(norm=cfg.norm, scope=cfg.scope, relative=True, steps=cfg.steps, step_size=cfg.step_size,
                           optimizer=cfg.optimizer, loss=cfg.loss, random_start=cfg.random_start,
                           success_loss=cfg.success_loss)
-  size = min(cfg.batch_size, len(prompts))
-  batches = [(rows, sweeps.make_batch(model.tokenizer, [prompts[i] for i in _pad_rows(rows, size)],
-                                      [targets[i] for i in _pad_rows(rows, size)]))
-             for rows in _batches(len(prompts), size)]
+  batches = [(pr[:n], sweeps.make_batch(model.tokenizer, [prompts[i] for i in pr], [targets[i] for i in pr]))
+             for pr, n in batching.pad_batches(range(len(prompts)), cfg.batch_size)]
   cells, model_key = {}, keys.model_parts(model)
   todo = [(layer, ri) for layer in cfg.layers for ri in range(len(cfg.radii))]
   for layer, ri in tqdm(todo, desc="lvs cells"):
