@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = "smollm2-135m-instruct"  # a registered name, a .gguf file or an HF checkpoint directory
   c.dtype = "float32"  # float32 on CPU; bfloat16 on accelerators
+  c.matmul_precision = "auto"  # cli.setup: "highest" for float32 (no TF32 on GPUs), else "default"
   c.max_new_tokens = 64
   c.batch_size = 16
   c.seed = 0

@@ -79,6 +79,7 @@ def get_config(arg: str | None = None):
   c = section_config()
   c.model = "smollm2-135m-instruct"  # a registered name, a .gguf file or an HF checkpoint directory
   c.dtype = "float32"
+  c.matmul_precision = "auto"  # cli.setup: "highest" for float32 (no TF32 on GPUs), else "default"
   c.fair = fair.default_config()  # enabled=True adds the "drift_fair" section; only=True skips the rest
   if arg == "smoke":
     make_smoke(c)

@@ -114,6 +114,7 @@ def get_config(arg: str | None = None):
   c = section_config()
   c.model = "smollm2-135m-instruct"
   c.dtype = "float32"
+  c.matmul_precision = "auto"  # cli.setup: "highest" for float32 (no TF32 on GPUs), else "default"
   if arg == "smoke":
     make_smoke(c)
   elif arg:

@@ -20,6 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = "smollm2-135m-aligned"  # the anchor built by experiments/configs/safety_sft.py
   c.dtype = "float32"
+  c.matmul_precision = "auto"  # cli.setup: "highest" for float32 (no TF32 on GPUs), else "default"
   c.seed = 0
   c.mode = "lora"  # lora | full
   c.lora = dict(rank=16, alpha=32, modules="q,k,v,o,gate,up,down")
