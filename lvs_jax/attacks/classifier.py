@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lvs_jax.attacks import common
+from lvs_jax.core import batching
 from lvs_jax.core import model as model_lib
 from lvs_jax.evals import judges
 
@@ -136,10 +137,7 @@ def classify(model, behaviors: Sequence[str], generations: Sequence[str], contex
     ids = tok.encode(build_prompt(b, g, c, prompt, fmt))
     rows.append(([bos] if bos is not None and fmt != "raw" else []) + ids)
   out = []
-  for i in range(0, len(rows), batch_size):
-    chunk = rows[i:i + batch_size]
-    n_real = len(chunk)
-    chunk = chunk + [chunk[-1]] * (min(batch_size, len(rows)) - n_real)
+  for chunk, n_real in batching.pad_batches(rows, batch_size):
     toks, mask = common.left_pad(chunk, tok.pad_id, 64)
     lo = _verdict_logodds(model.params, model.cfg, jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(yes, jnp.int32),
                           jnp.asarray(no, jnp.int32))

@@ -216,14 +216,7 @@ def greedy_completions(model, prompt_ids: Sequence[Sequence[int]], max_new_token
   out, lengths = generate_lib.generate_tokens(
     model.params, jnp.asarray(toks), jnp.asarray(mask), model.cfg, max_new_tokens=max_new_tokens,
     eos_ids=tuple(tok.eos_ids), pad_id=tok.pad_id)
-  out, lengths = np.asarray(out), np.asarray(lengths)
-  texts = []
-  for r in range(len(prompt_ids)):
-    row = out[r, : lengths[r]].tolist()
-    if row and row[-1] in tok.eos_ids:
-      row = row[:-1]
-    texts.append(tok.decode(row))
-  return texts
+  return generate_lib.decode_completions(tok, out, lengths)
 
 
 def refused(completions: Sequence[str], prefixes="harmbench") -> np.ndarray:
