@@ -49,7 +49,7 @@ def main(workdir: str, write_log: str) -> None:
   from lvs_jax.core import model as model_lib
   from lvs_jax.core import sharding
   from lvs_jax.core.config import ModelConfig
-  from lvs_jax.io import checkpoints
+  from lvs_jax.io import checkpoints, files, keys
   from lvs_jax.lvs import sweeps
   from lvs_jax.training import core as training
 
@@ -73,9 +73,12 @@ def main(workdir: str, write_log: str) -> None:
   dirs = np.eye(cfg.d_model, dtype=np.float32)[:2]
   res = sharding.sweep(params, cfg, batch, np.array([1, 2]), np.array([0.0, 0.5]), dirs, np.array([5, 7]), mesh,
                        chunk=2)
-  with distributed.writer_section("sweep") as writer:
-    if writer:
-      np.savez(os.path.join(workdir, "sweep.npz"), **res)
+  # Every process runs the library's resumable-cache code; only process 0 writes (io.files, io.keys hooks).
+  path = os.path.join(workdir, "sweep.npz")
+  if not keys.claim(path, "sweep", prompts=B):
+    files.atomic_savez(path, **res)
+  distributed.barrier("sweep_written")
+  assert keys.claim(path, "sweep", prompts=B)  # every process now sees the cache
 
   # A few full fine-tuning steps, FSDP state, through the library's train loop and Checkpointer.
   exs = [training.Tokenized(rng.randint(3, cfg.vocab_size, int(rng.randint(6, 14))).astype(np.int32),

@@ -5,9 +5,9 @@ Every process runs the same program on its local devices (SPMD); a `jax.sharding
 (`lvs_jax.core.sharding`). What this module adds:
 
   initialize()          `jax.distributed.initialize` when the run is multi-process: auto-detected under
-                        Slurm (SLURM_NTASKS > 1), on Cloud TPU VMs and Ray (their cluster environment
-                        variables), or from explicit LVS_COORDINATOR / LVS_NUM_PROCESSES / LVS_PROCESS_ID;
-                        a no-op on one process. Returns whether it initialized.
+                        Slurm (an srun step with SLURM_NTASKS > 1) and on Cloud TPU VM pod slices, or
+                        from explicit LVS_COORDINATOR / LVS_NUM_PROCESSES / LVS_PROCESS_ID (tests, Ray,
+                        hand-launched jobs); a no-op on one process. Returns whether it initialized.
   is_writer()           True on process 0 only: the one process that writes reports, caches and
                         commit records into the workdir (checkpoint shards are written by orbax,
                         which coordinates the processes itself).
@@ -36,15 +36,13 @@ def _env_int(name: str) -> int | None:
 
 def cluster_kind() -> str | None:
   """Which multi-process environment this process runs in: "explicit" (LVS_COORDINATOR set), "slurm"
-  (SLURM_NTASKS > 1, one task per GPU), "tpu" (Cloud TPU VM pod slice), "ray" or None (one process)."""
+  (an srun step with SLURM_NTASKS > 1, one task per GPU), "tpu" (Cloud TPU VM pod slice) or None."""
   if os.environ.get("LVS_COORDINATOR"):
     return "explicit"
   if (_env_int("SLURM_NTASKS") or 1) > 1 and os.environ.get("SLURM_STEP_ID") is not None:
     return "slurm"
   if os.environ.get("TPU_WORKER_HOSTNAMES") and "," in os.environ["TPU_WORKER_HOSTNAMES"]:
     return "tpu"
-  if os.environ.get("LVS_RAY_COORDINATOR"):
-    return "ray"
   return None
 
 
@@ -52,7 +50,7 @@ def initialize(force: bool = False) -> bool:
   """Starts jax.distributed when this is a multi-process run (see `cluster_kind`), or always when `force`
   (then JAX's own cluster auto-detection decides). Must run before any JAX computation.
 
-  Explicit mode (tests, Ray, hand-launched jobs): LVS_COORDINATOR=host:port, LVS_NUM_PROCESSES,
+  Explicit mode (tests, launch/ray_launch.py, hand-launched jobs): LVS_COORDINATOR=host:port, LVS_NUM_PROCESSES,
   LVS_PROCESS_ID and optionally LVS_LOCAL_DEVICE_IDS (comma-separated). Under Slurm and on TPU VMs
   JAX reads the cluster itself (jax's SlurmCluster / GkeTpuCluster / TpuCluster auto-detection).
   """
@@ -64,8 +62,8 @@ def initialize(force: bool = False) -> bool:
     return False
   # CPU processes (tests, CPU clusters) need a cross-process collectives backend; no effect on GPU/TPU.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if kind in ("explicit", "ray"):
-    coord = os.environ.get("LVS_COORDINATOR") or os.environ["LVS_RAY_COORDINATOR"]
+  if kind == "explicit":
+    coord = os.environ["LVS_COORDINATOR"]
     n, pid = _env_int("LVS_NUM_PROCESSES"), _env_int("LVS_PROCESS_ID")
     if n is None or pid is None:
       raise ValueError(f"LVS_COORDINATOR={coord} needs LVS_NUM_PROCESSES and LVS_PROCESS_ID (got {n}, {pid})")
@@ -126,3 +124,14 @@ def to_host(x) -> np.ndarray:
 
 def tree_to_host(tree):
   return jax.tree.map(to_host, tree)
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's value of `flag` on every process (no-op on one process): one decision for all, e.g.
+  whether a resumable cache file exists, so every process takes the same branch (and the same
+  collectives) even when their file-system views differ for a moment."""
+  if not is_multiprocess():
+    return bool(flag)
+  from jax.experimental import multihost_utils
+
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))

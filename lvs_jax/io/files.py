@@ -59,6 +59,14 @@ def _tmp_path(path: str) -> str:
 def _atomic(path: str | os.PathLike):
   """Yields a temp path next to `path`; on success fsyncs and renames it over `path`, else removes it."""
   path = os.fspath(path)
+  from lvs_jax.core import distributed
+
+  if not distributed.is_writer():  # one writer: under jax.distributed only process 0 writes the workdir
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:  # the caller's bytes go to a private scratch file
+      yield os.path.join(d, os.path.basename(path))
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = _tmp_path(path)
   try:
@@ -106,7 +114,9 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> None:
   """Appends one strict-JSON line per row and flushes (a kill loses at most the line being written)."""
   path = os.fspath(path)
   text = "".join(json.dumps(to_jsonable(r, path), ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
-  if not text:
+  from lvs_jax.core import distributed
+
+  if not text or not distributed.is_writer():  # one writer: process 0
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "a", encoding="utf-8") as f:

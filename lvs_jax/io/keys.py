@@ -170,8 +170,13 @@ def claim(path: str | os.PathLike, kind: str, *, strict: bool = False, **parts) 
   new = key_of(kind, parts)
   old = read_key(path)
   exists = os.path.exists(path)
-  if exists and old is not None and old.get("key") == new["key"]:
+  from lvs_jax.core import distributed
+
+  # One decision for every process (process 0's view): they all reuse or all recompute, in step.
+  if distributed.agree(exists and old is not None and old.get("key") == new["key"]):
     return True
+  if not distributed.is_writer():  # only process 0 moves stale files and writes keys
+    return False
   if exists:
     why = "; ".join(differences(old, new))
     msg = f"{path} was produced by something else than this run ({why})"
