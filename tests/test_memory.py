@@ -29,6 +29,8 @@ def test_per_device_bytes_follow_the_mesh_and_the_optimizer():
   assert one["weights"][1] == one["weights"][0]
   assert abs(eight["weights"][1] * 8 / eight["weights"][0] - 1) < 0.01  # FSDP: ~1/8 per device
   assert rep["weights"][1] == rep["weights"][0]
+  assert rep["fsdp.gathered_layers"][1] == one["fsdp.gathered_layers"][1] == 0
+  assert eight["fsdp.gathered_layers"][1] == 2 * 218_112_000 * 2  # two Llama-3-8B layers in bf16
   # AdamW: mu + nu in float32 = 2 x the float32 master weights (+ a counter), sharded like them.
   assert abs(one["full_ft.adamw_state"][0] / one["full_ft.master_f32"][0] - 2) < 1e-3
   assert abs(eight["full_ft.adamw_state"][1] * 8 / eight["full_ft.adamw_state"][0] - 1) < 0.01

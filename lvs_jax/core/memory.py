@@ -117,6 +117,10 @@ def weights_and_optimizer(cfg: ModelConfig, plan: Plan) -> dict[str, tuple[int, 
   p = abstract_params(cfg, dt)
   p_sh = sharding.param_shardings(cfg, mesh, rules)
   out = {"weights": (_bytes(p), _per_device(p, p_sh))}
+  # FSDP gathers each layer's weights before using them (scan: about two layers live, one prefetched).
+  layer = _bytes(p.layers) // cfg.n_layers
+  gathered = 0 if out["weights"][1] == out["weights"][0] else 2 * layer
+  out["fsdp.gathered_layers"] = (gathered, gathered)
   opt = training.make_optimizer(1e-5, weight_decay=0.0)
 
   master = abstract_params(cfg, jnp.float32)
@@ -199,10 +203,11 @@ def plan_report(name: str, plan: Plan, device_gb: float | None = None) -> str:
   for k, (tot, dev) in {**w, **act}.items():
     lines.append(f"{k:<24}{tot / GB:>12.2f}{dev / GB:>16.2f}")
   steps = {
-    "pgd / gcg (inference weights)": ("weights",),
-    "lora train (r2d2 step)": ("weights", "lora.adapters_f32", "lora.adamw_state", "lora.grads_f32"),
+    "pgd / gcg (inference weights)": ("weights", "fsdp.gathered_layers"),
+    "lora train (r2d2 step)": ("weights", "fsdp.gathered_layers", "lora.adapters_f32", "lora.adamw_state",
+                               "lora.grads_f32"),
     "full fine-tune (r2d2 step)": ("full_ft.master_f32", "full_ft.adamw_state", "full_ft.grads_f32",
-                                   "full_ft.compute_copy"),
+                                   "full_ft.compute_copy", "fsdp.gathered_layers"),
   }
   lines.append("per device, state + activations of the step:")
   for label, keys in steps.items():
