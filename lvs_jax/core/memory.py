@@ -120,6 +120,8 @@ def weights_and_optimizer(cfg: ModelConfig, plan: Plan) -> dict[str, tuple[int, 
   # FSDP gathers each layer's weights before using them (scan: about two layers live, one prefetched).
   layer = _bytes(p.layers) // cfg.n_layers
   gathered = 0 if out["weights"][1] == out["weights"][0] else 2 * layer
+  if plan.rules == "tensor":  # gathered over "data" only: each device keeps its "model" slice
+    gathered //= plan.model
   out["fsdp.gathered_layers"] = (gathered, gathered)
   opt = training.make_optimizer(1e-5, weight_decay=0.0)
 
