@@ -173,6 +173,7 @@ def main(_):
 
   ls_t = ls_t.numpy()
   diff = float(np.abs(ls_j[ok] - ls_t).max()) if ok.any() else float("nan")
+  rel = float((np.abs(ls_j[ok] - ls_t) / np.abs(ls_t)).max()) if ok.any() else float("nan")
   gn = g_j / np.linalg.norm(g_j, axis=-1, keepdims=True)
   gdiff = float(np.abs(gn - g_t.numpy()).max())
   print(f"\nmodel={FLAGS.model} jax={jax.__version__} torch={torch.__version__} "
@@ -186,7 +187,8 @@ def main(_):
   print("|---|---|---|")
   print(f"| PyTorch reference (nanoGCG style, transformers eager) | {torch_s:.2f} | 1.00x |")
   print(f"| lvs_jax (jit, prefix cache, chunked lax.map) | {jax_s:.2f} | {torch_s / jax_s:.2f}x |")
-  print(f"max |candidate loss lvs_jax - torch| = {diff:.2e} over {int(ok.sum())} candidates; "
+  print(f"max |candidate loss lvs_jax - torch| = {diff:.2e} (relative {rel:.1e}, losses "
+        f"{ls_t.min():.2f}..{ls_t.max():.2f} nats) over {int(ok.sum())} candidates; "
         f"max |normalized gradient diff| = {gdiff:.2e}; filter masks equal: {bool((ok == ok_t).all())}")
 
 
