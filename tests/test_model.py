@@ -164,6 +164,22 @@ def test_identity_edit_reproduces_plain_logits_exactly():
   np.testing.assert_array_equal(np.asarray(plain), np.asarray(edited))
 
 
+def test_add_at_layer_equals_layer_axis_add_vmaps_and_differentiates():
+  """add_at_layer stores one [B|1, S|1, D] tensor for every layer (no L axis): same logits as the
+  equivalent `add` leaf with a layer axis, under vmap (a leading axis on the shared leaf) and grad."""
+  cfg, params = tiny("llama")
+  toks = jnp.asarray(_tokens(cfg))
+  adds = 0.3 * jax.random.normal(jax.random.key(5), (2, 1, toks.shape[1], cfg.d_model))
+  f = lambda a: model_lib.forward(params, toks, cfg, edit=edit_lib.add_at_layer(cfg.n_layers, 1, a)).logits
+  full = lambda a: edit_lib.layer_mask(cfg.n_layers, 1)[:, None, None, None] * a[None]
+  for a, got in zip(adds, jax.vmap(f)(adds)):
+    want = model_lib.forward(params, toks, cfg, edit={"resid_pre": edit_lib.SiteEdit(add=full(a))}).logits
+    np.testing.assert_array_equal(np.asarray(f(a)), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)  # vmapped: batched matmuls
+  g = jax.grad(lambda a: f(a).sum())(adds[0])
+  assert g.shape == adds[0].shape and float(jnp.abs(g).max()) > 0
+
+
 @pytest.mark.parametrize("site", edit_lib.SITES)
 def test_add_edit_equals_manual_edit_of_captured_residual(site):
   cfg, params = tiny("llama")

@@ -152,8 +152,8 @@ def loss_and_grad(params, cfg: ModelConfig, batch: Batch, cache: model_lib.KVCac
   def total(onehot):
     emb = jnp.einsum("pnv,vd->pnd", onehot, params.embed)
     delta = emb - params.embed[suffix]
-    add = jnp.zeros((cfg.n_layers, P, S, D), params.embed.dtype).at[0, :, Tb:Tb + n].set(delta)
-    out = _rest_forward(params, cfg, batch, cache, rest, {"resid_pre": edit_lib.SiteEdit(add=add)})
+    add = jnp.zeros((P, S, D), params.embed.dtype).at[:, Tb:Tb + n].set(delta)  # one layer: no [L, P, S, D]
+    out = _rest_forward(params, cfg, batch, cache, rest, edit_lib.add_at_layer(cfg.n_layers, 0, add))
     losses = common.target_loss(out.logits, batch.labels, batch.weights, mellowmax_alpha)
     return losses.sum(), losses
 

@@ -160,6 +160,8 @@ def identity(n_layers: int, d_model: int, sites=SITES, n_ablate: int = 1, dtype=
       ablate_dirs=dirs,
       ablate_mask=jnp.zeros((n_layers, 1, 1), dtype),
       scale=jnp.ones((n_layers, 1, 1, 1), dtype),
+      add_shared=jnp.zeros((1, 1, d_model), dtype),
+      add_layers=jnp.zeros((n_layers,), dtype),
     )
   return out
 
