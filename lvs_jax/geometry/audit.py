@@ -48,6 +48,7 @@ from lvs_jax.evals import behavior, judges
 from lvs_jax.geometry import carriers, causal, coupling, diagnostics
 from lvs_jax.geometry import section as geometry_section
 from lvs_jax.io import datasets as data
+from lvs_jax.io import files, keys
 from lvs_jax.report import store as report_lib
 
 CARRIER_NAMES = (carriers.HARMFULNESS, carriers.REFUSAL, carriers.REFUSAL_HH)
@@ -56,11 +57,7 @@ CARRIER_NAMES = (carriers.HARMFULNESS, carriers.REFUSAL, carriers.REFUSAL_HH)
 # ----------------------------------------------------------------------------- helpers
 
 
-def _atomic_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report_lib.to_jsonable(obj), f, allow_nan=False)
-  os.replace(tmp, path)
+_atomic_json = files.atomic_write_json  # strict JSON (nan -> null), temp file + rename
 
 
 def _load_json(path: str):
@@ -115,15 +112,13 @@ def prompt_sets(cfg) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- steps
 
 
-def _complete_jsonl(path: str, prompts: list[str]) -> list[dict] | None:
-  """The records of a finished generations file for exactly these prompts, else None."""
-  if not os.path.exists(path):
+def _complete_jsonl(model, path: str, prompts: list[str], cfg) -> list[dict] | None:
+  """The records of a finished generations file of this model for exactly these prompts (its content key
+  matches, `behavior.generation_key`), else None."""
+  if not keys.matches(path, "generations", **behavior.generation_key(
+      model, prompts, max_new_tokens=cfg.max_new_tokens, prefixes=cfg.judge_prefixes)):
     return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  except json.JSONDecodeError:
-    return None
+  rows = files.read_jsonl(path, repair=False, log=None)
   if [r.get("prompt") for r in rows] != prompts:
     return None
   return rows
@@ -136,7 +131,7 @@ def label_pool(model, sets, cfg, d: str) -> dict:
     if not sets[name]:
       continue
     path = os.path.join(d, "generations", f"pool_{name}.jsonl")
-    records = _complete_jsonl(path, sets[name])
+    records = _complete_jsonl(model, path, sets[name], cfg)
     if records is None:  # generate the missing rows (evaluate_refusal resumes from the file)
       records = behavior.evaluate_refusal(model, f"pool_{name}", sets[name], max_new_tokens=cfg.max_new_tokens,
                                           batch_size=cfg.batch_size, prefixes=cfg.judge_prefixes, cache_path=path,
@@ -151,13 +146,12 @@ def label_pool(model, sets, cfg, d: str) -> dict:
 def pool_activations(model, sets, cfg, d: str) -> tuple[np.ndarray, np.ndarray]:
   path = os.path.join(d, "activations.npz")
   pool = sets["harmful"] + sets["harmless"] + sets["extras"]
-  if os.path.exists(path):
-    with np.load(path, allow_pickle=False) as z:
-      if z["x_inst"].shape[1] == len(pool):
-        return z["x_inst"], z["x_post"]
+  if keys.claim(path, "activations", model=keys.model_parts(model), prompts=pool,
+                config=dict(site=cfg.site, positions=["t_inst", "t_post_inst"], chat=True)):
+    z = files.load_npz(path)
+    return z["x_inst"], z["x_post"]
   x_inst, x_post = carriers.collect_inst_post(model, pool, site=cfg.site, batch_size=cfg.batch_size)
-  np.savez(path + ".tmp.npz", x_inst=x_inst, x_post=x_post)
-  os.replace(path + ".tmp.npz", path)
+  files.atomic_savez(path, x_inst=x_inst, x_post=x_post)
   return x_inst, x_post
 
 
@@ -197,7 +191,10 @@ def run_selection(model, cs, sets, cfg, d: str) -> None:
   scfg = carriers.SelectionConfig(cfg.kl_threshold, cfg.induce_refusal_threshold, cfg.prune_layer_fraction)
   for name, c in cs.items():
     path = os.path.join(d, f"selection_{name}.json")
-    sel = _load_json(path)
+    # Candidate scores belong to this model, this carrier and these validation prompts (content key).
+    sel = _load_json(path) if keys.claim(
+      path, "carriers", model=keys.model_parts(model), carrier=keys.array_digest(np.asarray(c.vectors)),
+      prompts=[sets["val_harmful"], sets["val_harmless"]], config=dict(stride=cfg.candidate_layer_stride)) else None
     fresh = sel is not None and sel.get("n_val") == cfg.n_val and sel.get("stride") == cfg.candidate_layer_stride \
         and sel.get("candidates")
     if not cfg.select:
@@ -244,21 +241,17 @@ def run_add_sweeps(model, cs, controls, sets, cfg, d: str) -> dict:
                                    ("harmless", sets["val_harmless"], cfg.harmless_coefficients)):
     path = os.path.join(d, f"sweep_{set_name}.npz")
     prompts = prompts[:cfg.sweep_prompts or len(prompts)]
-    if os.path.exists(path):
-      with np.load(path, allow_pickle=False) as z:
-        res = {k: z[k] for k in z.files}
-      if list(res["carriers"]) == names and res["refusal_score"].shape[-1] == len(prompts) and \
-          np.array_equal(res["layers"], layers) and np.allclose(res["coefficients"], coefs):
-        out[set_name] = res
-        continue
+    if keys.claim(path, "causal", model=keys.model_parts(model), prompts=prompts, vectors=keys.array_digest(vecs),
+                  config=dict(carriers=names, layers=layers.tolist(), coefficients=list(coefs))):
+      out[set_name] = files.load_npz(path)
+      continue
     t0 = time.time()
     res = causal.add_sweep_prompts(model, prompts, layers, np.asarray(coefs, np.float32), vecs, ids,
                                    batch_size=cfg.batch_size, chunk=cfg.sweep_chunk)
     res = {k: np.asarray(v) for k, v in res.items()}
     res.update(layers=layers, coefficients=np.asarray(coefs, np.float32), carriers=np.asarray(names),
                n_controls=np.asarray(cfg.n_controls), seconds=np.asarray(time.time() - t0))
-    np.savez(path + ".tmp.npz", **res)
-    os.replace(path + ".tmp.npz", path)
+    files.atomic_savez(path, **res)
     out[set_name] = res
   return out
 
@@ -266,18 +259,15 @@ def run_add_sweeps(model, cs, controls, sets, cfg, d: str) -> dict:
 def run_control_ablations(model, sets, cfg, d: str, n: int) -> dict:
   """Logit refusal scores on val_harmful with K random unit directions ablated (the ablation controls)."""
   path = os.path.join(d, "ablation_controls.npz")
-  if os.path.exists(path):
-    with np.load(path, allow_pickle=False) as z:
-      res = {k: z[k] for k in z.files}
-    if res["refusal_score"].shape == (n, len(sets["val_harmful"])):
-      return res
+  if keys.claim(path, "ablation_controls", model=keys.model_parts(model), prompts=sets["val_harmful"],
+                config=dict(n=int(n), seed=cfg.seed)):
+    return files.load_npz(path)
   dirs = np.asarray(jax.random.normal(jax.random.key(cfg.seed + 7), (n, model.cfg.d_model)))
   ids = judges.refusal_token_ids(model.tokenizer)
   res = causal.ablation_sweep_prompts(model, sets["val_harmful"], dirs, ids, batch_size=cfg.batch_size)
   res = {k: np.asarray(v) for k, v in res.items()}
   res["directions"] = dirs
-  np.savez(path + ".tmp.npz", **res)
-  os.replace(path + ".tmp.npz", path)
+  files.atomic_savez(path, **res)
   return res
 
 
@@ -337,16 +327,17 @@ def run_cells(model, cs, controls, ablation_dirs, sets, cfg, d: str, layers: dic
   cell_dir = os.path.join(d, "cells")
   os.makedirs(cell_dir, exist_ok=True)
   ids = judges.refusal_token_ids(model.tokenizer)
-  out = {}
+  out, model_key = {}, keys.model_parts(model)
   for spec in cell_specs(cs, cfg, layers):
     prompts = sets[f"eval_{spec['set']}"]
     path = os.path.join(cell_dir, f"{spec['set']}__{spec['name']}.json")
-    rec = _load_json(path)
-    if rec is not None and rec.get("prompts") == prompts and rec.get("spec") == report_lib.to_jsonable(spec):
-      out[(spec["set"], spec["name"])] = rec
+    e = cell_edit(spec, cs, controls, ablation_dirs, model.cfg.n_layers)
+    # Keyed by the edit's content too: a cell of the same name with another carrier is another cell.
+    if keys.claim(path, "causal", model=model_key, prompts=prompts, edit=keys.edit_parts(e),
+                  config=dict(spec=spec, max_new_tokens=cfg.max_new_tokens, judge_prefixes=cfg.judge_prefixes)):
+      out[(spec["set"], spec["name"])] = _load_json(path)
       continue
     t0 = time.time()
-    e = cell_edit(spec, cs, controls, ablation_dirs, model.cfg.n_layers)
     g = gen.generate(model, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, edit=e)
     refused = judges.judge_refusals(g.completions, prefixes=cfg.judge_prefixes)
     scores = behavior.refusal_scores(model, prompts, ids, edit=e, batch_size=cfg.batch_size)
@@ -454,7 +445,10 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
   coup, sub = {}, {}
   sig = (f"v2 seed={cfg.seed} n_boot={cfg.n_boot} n_null={cfg.n_null} k={cfg.subspace_k} "
          f"stride={cfg.subspace_layer_stride} sub={cfg.subspace_n_boot}/{cfg.subspace_n_null} n={x_inst.shape[1]}")
-  cached = dict(np.load(cpath, allow_pickle=False)) if os.path.exists(cpath) else {}
+  fresh = keys.claim(cpath, "coupling", model=keys.model_parts(model),
+                     prompts=sets["harmful"] + sets["harmless"] + sets["extras"],
+                     labels={n: np.asarray(labels[n]).tolist() for n in sorted(labels)})
+  cached = files.load_npz(cpath) if fresh else {}
   for a, b in pairs:
     key = f"{a}-{b}"
     if cached.get(f"{key}/signature", np.asarray("")).item() == sig:
@@ -475,8 +469,7 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
       cached[f"{key}/{k}"] = np.asarray(v)
     for k, v in sub[key].items():
       cached[f"sub:{key}/{k}"] = np.asarray(v)
-    np.savez(cpath + ".tmp.npz", **cached)
-    os.replace(cpath + ".tmp.npz", cpath)
+    files.atomic_savez(cpath, **cached)
   coup = {k: {kk: _scalar(vv) for kk, vv in v.items()} for k, v in coup.items()}
   _atomic_json(os.path.join(d, "coupling.json"), {k: {kk: vv for kk, vv in v.items() if not kk.startswith("carrier")}
                                                   for k, v in coup.items()})
