@@ -610,14 +610,20 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
     other = registry.load_model(src, dtype=model.params.embed.dtype)
     xb = emb(other, src.replace("/", "_").replace(":", "_"))
     del other
-    pr, _ = _probe_set(key, x_fit, y_fit, x_val, y_val, fc, 0)
-    n_pool = min(fc.reanchor.n_pool, len(p_fit))
-    real.append(real_drift(pr, x_test, t.labels, xb[rows(t.prompts)], x_fit[:n_pool], xb[rows(p_fit)][:n_pool], fc,
-                           src))
-    for tn, tt in tk.items():
-      r = separability_change(x[rows(tt.prompts)], xb[rows(tt.prompts)], tt.labels, (name, src),
-                              fc.separability.n_boot, cfg.seed)
-      sep += [dict(task=tn, **row) for row in r]
+
+    def other_model():
+      pr, _ = _probe_set(key, x_fit, y_fit, x_val, y_val, fc, 0)
+      n_pool = min(fc.reanchor.n_pool, len(p_fit))
+      rr = [real_drift(pr, x_test, t.labels, xb[rows(t.prompts)], x_fit[:n_pool], xb[rows(p_fit)][:n_pool], fc, src)]
+      ss = []
+      for tn, tt in tk.items():
+        r = separability_change(x[rows(tt.prompts)], xb[rows(tt.prompts)], tt.labels, (name, src),
+                                fc.separability.n_boot, cfg.seed)
+        ss += [dict(task=tn, **row) for row in r]
+      return dict(real=rr, separability=ss)
+
+    z = _cached(out_dir, "other_model", (fc.to_dict(), everything, name, src, layer, head), other_model)
+    real, sep = z["real"], z["separability"]
   res = dict(setup=dict(model=name, layer=layer, pooling=fc.pooling, site=cfg.site, chat=cfg.chat, seeds=fc.seeds,
                         repeats=fc.repeats, n_fit=len(p_fit), n_val=len(p_val), headline_task=head,
                         headline_description=t.description, collapse_auc=fc.collapse_auc,
