@@ -355,8 +355,10 @@ def _check_tensors(gf: GGUFFile, cfg: ModelConfig) -> None:
     raise GGUFError(f"{gf.path}: tensors do not match the config:\n  " + "\n  ".join(problems))
 
 
-def params_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype=jnp.float32) -> Params:
-  """Dequantizes every weight into stacked `Params` (`x @ w` layout) of `dtype`."""
+def params_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype=jnp.float32, *, host: bool = False, mesh=None,
+                     rules=None) -> Params:
+  """Dequantizes every weight into stacked `Params` (`x @ w` layout) of `dtype`. host=True: numpy leaves
+  in host memory; mesh: each weight placed straight into its shards by `rules` (see `hf.load_hf_params`)."""
   _check_tensors(gf, cfg)
   # llama.cpp permutes the q/k rows of Llama-family checkpoints: heads per permuted tensor.
   heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads} if ARCHS[gf.arch].permuted_qk else {}
@@ -367,9 +369,9 @@ def params_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype=jnp.float32) -> Param
     n = heads.get(parts[2]) if parts[0] == "blk" else None
     return w if n is None else unpermute_qk_rows(w, n)
 
-  params = layout.read_params(cfg, dtype, GGUF_TOP, GGUF_LAYER, _gguf_prefix, get)
+  params = layout.read_params(cfg, dtype, GGUF_TOP, GGUF_LAYER, _gguf_prefix, get, host=host or mesh is not None)
   check_params(params, cfg, where=gf.path)
-  return params
+  return layout.place(params, cfg, mesh, rules)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -393,11 +395,13 @@ def tokenizer_from_gguf(gf: GGUFFile) -> Tokenizer:
                         pad_id=pad)
 
 
-def load_gguf(path: str | os.PathLike, dtype=jnp.float32, *, tokenizer: bool = True) -> LoadedModel:
-  """Loads config, dequantized weights (`dtype`: float32 or bfloat16) and tokenizer from a GGUF file."""
+def load_gguf(path: str | os.PathLike, dtype=jnp.float32, *, tokenizer: bool = True, host: bool = False,
+              mesh=None, rules=None) -> LoadedModel:
+  """Loads config, dequantized weights (`dtype`: float32 or bfloat16) and tokenizer from a GGUF file.
+  host / mesh / rules: where the weights go (`params_from_gguf`)."""
   gf = read_gguf(path)
   cfg = config_from_gguf(gf)
-  params = params_from_gguf(gf, cfg, dtype)
+  params = params_from_gguf(gf, cfg, dtype, host=host, mesh=mesh, rules=rules)
   tok = tokenizer_from_gguf(gf) if tokenizer else None
   name = gf.get("general.name") or os.path.basename(gf.path)
   return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=gf.path, name=str(name))

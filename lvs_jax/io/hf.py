@@ -170,8 +170,14 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   return layout.expected_shapes(cfg, HF_TOP, HF_LAYER, _hf_prefix)
 
 
-def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32) -> Params:
-  """Reads the safetensors weights of an HF checkpoint directory into stacked `Params` of `dtype`."""
+def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32, *, host: bool = False,
+                   mesh=None, rules=None) -> Params:
+  """Reads the safetensors weights of an HF checkpoint directory into stacked `Params` of `dtype`.
+
+  host=True: numpy leaves in host memory (no device copy). mesh (a `jax.sharding.Mesh`): read to host,
+  then each weight goes straight into its shards by `rules` (`lvs_jax.core.sharding` tables, default
+  REPLICATED) via `sharding.place_params`; no full copy on one device. Works on every process of a
+  multi-host job (each reads the files)."""
   path = os.fspath(path)
   files = _weight_files(path)
   want = hf_tensor_shapes(cfg)
@@ -199,21 +205,23 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32)
     if problems:
       raise CheckpointError(f"{path}: weights do not match config.json:\n  " + "\n  ".join(problems))
 
-    params = layout.read_params(cfg, dtype, HF_TOP, HF_LAYER, _hf_prefix, src.get)
+    params = layout.read_params(cfg, dtype, HF_TOP, HF_LAYER, _hf_prefix, src.get, host=host or mesh is not None)
   check_params(params, cfg, where=path)
-  return params
+  return layout.place(params, cfg, mesh, rules)
 
 
-def load_hf_dir(path: str | os.PathLike, dtype=jnp.float32, *, tokenizer: bool = True) -> LoadedModel:
+def load_hf_dir(path: str | os.PathLike, dtype=jnp.float32, *, tokenizer: bool = True, host: bool = False,
+                mesh=None, rules=None) -> LoadedModel:
   """Loads an HF checkpoint directory: config.json, model.safetensors (or sharded), tokenizer.
 
-  tokenizer=False skips the tokenizer (LoadedModel.tokenizer is then None).
+  tokenizer=False skips the tokenizer (LoadedModel.tokenizer is then None). host / mesh / rules: where
+  the weights go (`load_hf_params`).
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
   cfg = load_hf_config(path)
-  params = load_hf_params(path, cfg, dtype)
+  params = load_hf_params(path, cfg, dtype, host=host, mesh=mesh, rules=rules)
   tok = load_hf_tokenizer(path) if tokenizer else None
   return LoadedModel(
     cfg=cfg, params=params, tokenizer=tok, source=path, name=os.path.basename(path.rstrip("/"))

@@ -73,8 +73,10 @@ def expected_shapes(cfg: ModelConfig, top: Table, layer: Table, prefix: Callable
 
 
 def read_params(cfg: ModelConfig, dtype, top: Table, layer: Table, prefix: Callable[[int], str],
-                get: Callable[[str], np.ndarray]) -> model_lib.Params:
-  """Stacked `Params` of `dtype` from `get(name)` (a torch-layout numpy tensor; shapes already checked)."""
+                get: Callable[[str], np.ndarray], host: bool = False) -> model_lib.Params:
+  """Stacked `Params` of `dtype` from `get(name)` (a torch-layout numpy tensor; shapes already checked).
+  host=True keeps every leaf a numpy array in host memory (nothing on a device: for `sharding.place_params`)."""
+  put = (lambda x: x) if host else jnp.asarray
   np_dtype = jnp.dtype(dtype)  # numpy-compatible (bfloat16 via ml_dtypes)
   abstract = model_lib.abstract_params(cfg)
   bufs = {f: np.empty(a.shape, np_dtype) for f, a in vars(abstract.layers).items() if a is not None}
@@ -82,11 +84,22 @@ def read_params(cfg: ModelConfig, dtype, top: Table, layer: Table, prefix: Calla
   for name, field, i, shape, n_in in _entries(cfg, top, layer, prefix):
     w = from_torch(get(name), shape, n_in)
     if i is None:
-      tops[field] = jnp.asarray(w.astype(np_dtype))
+      tops[field] = put(w.astype(np_dtype))
     else:
       bufs[field][i] = w
-  layers = model_lib.LayerParams(**{f: jnp.asarray(b) for f, b in bufs.items()})
+  layers = model_lib.LayerParams(**{f: put(b) for f, b in bufs.items()})
   return model_lib.Params(layers=layers, **{f: tops.get(f) for f in ("embed", "final_norm", "lm_head")})
+
+
+def place(params: model_lib.Params, cfg: ModelConfig, mesh=None, rules=None) -> model_lib.Params:
+  """Host-read `params` (numpy leaves) as they leave a loader: unchanged without a mesh, else put leaf by
+  leaf straight into their shardings (`sharding.place_params`; rules: a table of `lvs_jax.core.sharding`,
+  default REPLICATED), so no weight is ever whole on one device."""
+  if mesh is None:
+    return params
+  from lvs_jax.core import sharding
+
+  return sharding.place_params(params, cfg, mesh, sharding.REPLICATED if rules is None else rules)
 
 
 def write_tensors(params: model_lib.Params, cfg: ModelConfig, top: Table, layer: Table,

@@ -78,7 +78,9 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32, **kwargs) -> LoadedModel:
   """Loads a model by registered name, `.gguf` path (load_gguf) or HF directory (load_hf_dir).
 
-  kwargs go to the loader (e.g. tokenizer=False).
+  kwargs go to the loader: tokenizer=False; host=True (weights as host numpy, no device copy);
+  mesh=<jax.sharding.Mesh>, rules=<a `lvs_jax.core.sharding` table> (weights read to host and placed
+  straight into their shardings, never whole on one device).
   """
   from lvs_jax.io import gguf as gguf_io
   from lvs_jax.io import hf as hf_io
