@@ -36,7 +36,8 @@ def main(argv):
     geometry_audit.prompt_sets(cfg.geometry)
   if cfg.drift.enabled:
     drift_audit.prompt_sets(cfg.drift)
-  model = registry.load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))
+  mesh, rules = cli.mesh(cfg)  # the LVS section runs on it; the weights stay on the host until placed there
+  model = registry.load_model(cfg.model, dtype=jnp.dtype(cfg.dtype), host=mesh is not None)
   logging.info("loaded %s (%s)", cfg.model, model.source)
   meta = dict(model=cfg.model, source=model.source, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
               config=cfg.to_dict())
@@ -48,7 +49,8 @@ def main(argv):
     ))
   if cfg.lvs.enabled:
     prompts, targets = lvs_audit.load_targets(cfg.lvs)
-    cli.write_section(workdir, lvs_audit.run(model, prompts, targets, cfg.lvs, workdir), verbose=False, **meta)
+    section = lvs_audit.run(model, prompts, targets, cfg.lvs, workdir, mesh=mesh, rules=rules)
+    cli.write_section(workdir, section, verbose=False, **meta)
   if cfg.geometry.enabled:
     section = geometry_audit.run(model, cfg.geometry, workdir, model_name=cfg.model)
     cli.write_section(workdir, section, verbose=False, **meta)

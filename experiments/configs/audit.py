@@ -29,6 +29,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = "smollm2-135m-instruct"  # a registered name, a .gguf file or an HF checkpoint directory
   c.dtype = "float32"  # float32 on CPU; bfloat16 on accelerators
   c.matmul_precision = "auto"  # cli.setup: "highest" for float32 (no TF32 on GPUs), else "default"
+  # Device mesh (lvs_jax.core.cli.mesh): None = one device as before; "auto" = every device (of every
+  # process under --distributed) on the data axis; "D" or "DxM" (data x model). The LVS sweep and PGD
+  # cells then run sharded, weights placed by mesh_rules: "replicated" | "fsdp" | "tensor".
+  c.mesh = ml_collections.config_dict.placeholder(str)
+  c.mesh_rules = "fsdp"
   c.max_new_tokens = 64
   c.batch_size = 16
   c.seed = 0

@@ -67,6 +67,11 @@ def get_config(arg: str | None = None):
   c.model = "smollm2-135m-instruct"
   c.dtype = "float32"
   c.matmul_precision = "auto"  # cli.setup: "highest" for float32 (no TF32 on GPUs), else "default"
+  # Device mesh (lvs_jax.core.cli.mesh): None = one device as before; "auto" = every device (of every
+  # process under --distributed) on the data axis; "D" or "DxM" (data x model). The LVS sweep and PGD
+  # cells then run sharded, weights placed by mesh_rules: "replicated" | "fsdp" | "tensor".
+  c.mesh = ml_collections.config_dict.placeholder(str)
+  c.mesh_rules = "fsdp"
   if arg == "smoke":
     make_smoke(c)
   elif arg:

@@ -88,6 +88,20 @@ def setup(argv):
   return f.config, f.workdir
 
 
+def mesh(cfg):
+  """(mesh, rules) the config asks for: fields `mesh` (None / "" = one device and no mesh, as before;
+  "auto" = every device, of every process under jax.distributed, on "data"; "D" or "DxM") and
+  `mesh_rules` ("replicated" | "fsdp" | "tensor", default "fsdp"; see `lvs_jax.core.sharding`).
+  Call after `setup` (the mesh spans every process's devices). Returns (None, None) without a mesh."""
+  from lvs_jax.core import sharding
+
+  get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+  m = sharding.mesh_from_spec(get("mesh", None))
+  if m is None:
+    return None, None
+  return m, sharding.rules_table(get("mesh_rules", None) or "fsdp")
+
+
 def config_module(path: str):
   """A config file (experiments/configs/<name>.py) as a module, loaded by path as --config loads it, so
   that one config can build on another's defaults (experiments/ is not an installed package).

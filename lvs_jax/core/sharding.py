@@ -206,6 +206,80 @@ def pgd_grid(params, cfg: ModelConfig, batch, refusal_ids, layers, radii, key, m
                              loss_success=_unpad(res.loss_success, B, axis=2))
 
 
+def pgd_attack(params, cfg: ModelConfig, batch, refusal_ids, layer: int, eps: float, key, mesh: Mesh, acfg=None):
+  """`lvs_jax.lvs.attack.pgd_attack` (one layer, one radius) with the prompts over "data" -> AttackResult
+  of numpy arrays (delta [B, T, D], losses [steps + 1, B], final_loss / loss_success [B]). With
+  acfg.random_start, a batch padded to the data axis draws its start for the padded shape (other
+  numbers than the unpadded single-device run; none when the data axis divides the batch)."""
+  from lvs_jax.lvs import attack, sweeps
+
+  acfg = acfg or attack.AttackConfig()
+  B = batch.tokens.shape[0]
+  fields = dict(tokens=batch.tokens, mask=batch.mask, prompt_mask=batch.prompt_mask, target_mask=batch.target_mask)
+  sb = sweeps.SweepBatch(**shard_rows(fields, mesh), n_prompt=batch.n_prompt)
+  small = replicate(dict(layer=np.asarray(layer, np.int32), eps=np.asarray(eps, np.float32),
+                         refusal_ids=np.asarray(refusal_ids)), mesh)
+  res = attack.pgd_attack(params, cfg, sb, small["refusal_ids"], small["layer"], small["eps"],
+                          replicate_key(key, mesh), acfg)
+  return attack.AttackResult(delta=_unpad(res.delta, B, axis=0), losses=_unpad(res.losses, B, axis=1),
+                             final_loss=_unpad(res.final_loss, B, axis=0),
+                             loss_success=_unpad(res.loss_success, B, axis=0))
+
+
+def generate_under_delta(model, params, batch, layer: int, delta, max_new_tokens: int, mesh: Mesh) -> list[str]:
+  """`lvs_jax.lvs.attack.generate_under_delta` with the prompts (and the delta's rows) over "data":
+  greedy completions of `batch` with delta [B, T, D] added at `layer` on the prompt slots; `params`
+  already on the mesh (model.params is not used: it may be a host copy)."""
+  from lvs_jax.core import edit as edit_lib
+  from lvs_jax.core import generate as gen
+
+  tp = batch.n_prompt
+  delta = np.asarray(delta)
+  full = np.zeros((delta.shape[0], tp + max_new_tokens, delta.shape[-1]), delta.dtype)
+  full[:, :tp] = delta[:, :tp]
+  add_layers = np.asarray(edit_lib.layer_mask(model.cfg.n_layers, layer)).astype(full.dtype)
+  e = {"resid_pre": edit_lib.SiteEdit(add_shared=shard_rows(full, mesh), add_layers=replicate(add_layers, mesh))}
+  out, lengths = generate(params, np.asarray(batch.tokens)[:, :tp], np.asarray(batch.mask)[:, :tp], model.cfg, mesh,
+                          max_new_tokens=max_new_tokens, eos_ids=model.tokenizer.eos_ids,
+                          pad_id=model.tokenizer.pad_id, edit=e)
+  return gen.decode_completions(model.tokenizer, out, lengths)
+
+
+def on_mesh(params, cfg: ModelConfig, mesh: Mesh, rules=REPLICATED) -> model_lib.Params:
+  """`params` as global arrays on `mesh`: returned as they are when every leaf already lives there (a
+  loader called with mesh=), else placed by `rules` from their host values (`place_params`)."""
+  leaves = jax.tree.leaves(params)
+  if all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+         for x in leaves):
+    return params
+  return place_params(params, cfg, mesh, rules)
+
+
+def rules_table(name: str) -> dict:
+  """A rules table by name: "replicated" | "fsdp" | "tensor" (config field `mesh_rules`)."""
+  tables = {"replicated": REPLICATED, "fsdp": FSDP, "tensor": TENSOR}
+  if name not in tables:
+    raise ValueError(f"mesh rules {name!r}: expected one of {sorted(tables)}")
+  return tables[name]
+
+
+def mesh_from_spec(spec: str | None) -> Mesh | None:
+  """A mesh from a config string: None / "" -> None (one device, no mesh); "auto" -> every device on
+  "data"; "D" or "DxM" -> a D x M ("data", "model") mesh (D may be 0: all devices // M)."""
+  if not spec:
+    return None
+  if spec == "auto":
+    return make_mesh()
+  parts = spec.lower().split("x")
+  try:
+    data, model = (int(parts[0]), int(parts[1]) if len(parts) > 1 else 1)
+    if len(parts) > 2:
+      raise ValueError
+  except ValueError:
+    raise ValueError(f"mesh {spec!r}: expected 'auto', 'D' or 'DxM' (data x model devices)") from None
+  return make_mesh(data=data or None, model=model)
+
+
 def replicate_key(key: jax.Array, mesh: Mesh) -> jax.Array:
   """A PRNG key (typed or raw uint32) replicated on the mesh, as a global array on every process."""
   typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)

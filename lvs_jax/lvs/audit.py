@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from lvs_jax.core import batching
+from lvs_jax.core import batching, distributed, sharding
 from lvs_jax.evals import behavior, judges
 from lvs_jax.io import files, keys
 from lvs_jax.lvs import attack as lvs
@@ -56,8 +56,9 @@ def pgd_cell_key(model_key: dict, prompts, targets, cfg, layer: int, radius: flo
                           judge_prefixes=cfg.judge_prefixes))
 
 
-def run_sweep(model, prompts, targets, cfg, path: str) -> dict:
-  """The perturbation sweep over every layer (cached in `path`, keyed by `sweep_key`)."""
+def run_sweep(model, prompts, targets, cfg, path: str, mesh=None, params=None) -> dict:
+  """The perturbation sweep over every layer (cached in `path`, keyed by `sweep_key`). With a `mesh`
+  (`params` on it, see `run`) each batch runs as one global computation, prompts over "data"."""
   if keys.claim(path, "sweep", **sweep_key(model, prompts, targets, cfg)):
     return files.load_npz(path)
   ids = jnp.asarray(judges.refusal_token_ids(model.tokenizer))
@@ -68,7 +69,10 @@ def run_sweep(model, prompts, targets, cfg, path: str) -> dict:
   parts = []
   for pr, n in tqdm(list(batching.pad_batches(range(len(prompts)), cfg.batch_size)), desc="lvs sweep", unit="batch"):
     batch = sweeps.make_batch(model.tokenizer, [prompts[i] for i in pr], [targets[i] for i in pr])
-    res = sweeps.sweep(model.params, model.cfg, batch, layers, mags, dirs, ids, chunk=cfg.sweep_chunk)
+    if mesh is None:
+      res = sweeps.sweep(model.params, model.cfg, batch, layers, mags, dirs, ids, chunk=cfg.sweep_chunk)
+    else:
+      res = sharding.sweep(params, model.cfg, batch, layers, mags, dirs, ids, mesh, chunk=cfg.sweep_chunk)
     parts.append({k: np.asarray(v)[..., :n] for k, v in res.items()})
   out = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
   out["magnitudes"] = np.asarray(mags)
@@ -76,9 +80,11 @@ def run_sweep(model, prompts, targets, cfg, path: str) -> dict:
   return out
 
 
-def run_cells(model, prompts, targets, cfg, cell_dir: str) -> dict:
-  """PGD + generation for every (layer, radius) cell; returns {(layer, radius_index): record}."""
-  os.makedirs(cell_dir, exist_ok=True)
+def run_cells(model, prompts, targets, cfg, cell_dir: str, mesh=None, params=None) -> dict:
+  """PGD + generation for every (layer, radius) cell; returns {(layer, radius_index): record}. With a
+  `mesh` (`params` on it, see `run`) attack and generation run with the prompts over "data"."""
+  if distributed.is_writer():  # one writer (the cell files go through io.files, which makes the directory too)
+    os.makedirs(cell_dir, exist_ok=True)
   ids = jnp.asarray(judges.refusal_token_ids(model.tokenizer))
   acfg = lvs.AttackConfig(norm=cfg.norm, scope=cfg.scope, relative=True, steps=cfg.steps, step_size=cfg.step_size,
                           optimizer=cfg.optimizer, loss=cfg.loss, random_start=cfg.random_start,
@@ -100,8 +106,12 @@ def run_cells(model, prompts, targets, cfg, cell_dir: str) -> dict:
     cell_key = jax.random.fold_in(jax.random.key(cfg.seed), layer * 1000 + ri)
     for bi, (rows, batch) in enumerate(batches):
       key = jax.random.fold_in(cell_key, bi)  # a fresh random start per batch, not one shared by all
-      r = lvs.pgd_attack(model.params, model.cfg, batch, ids, layer, cfg.radii[ri], key, acfg)
-      texts = lvs.generate_under_delta(model, batch, layer, r.delta, cfg.max_new_tokens)
+      if mesh is None:
+        r = lvs.pgd_attack(model.params, model.cfg, batch, ids, layer, cfg.radii[ri], key, acfg)
+        texts = lvs.generate_under_delta(model, batch, layer, r.delta, cfg.max_new_tokens)
+      else:
+        r = sharding.pgd_attack(params, model.cfg, batch, ids, layer, cfg.radii[ri], key, mesh, acfg)
+        texts = sharding.generate_under_delta(model, params, batch, layer, r.delta, cfg.max_new_tokens, mesh)
       loss += np.asarray(r.final_loss)[:len(rows)].tolist()
       loss_ok += np.asarray(r.loss_success)[:len(rows)].tolist()
       completions += texts[:len(rows)]
@@ -137,10 +147,19 @@ def summarize(cells: dict, layers, radii, n_boot: int = 1000, seed: int = 0) -> 
               reason="" if n else lvs_report.NOT_ATTACKED)
 
 
-def run(model, prompts, targets, cfg, workdir: str) -> report_lib.Section:
-  """Everything above, resumable; returns the section (the caller adds it to the report)."""
+def run(model, prompts, targets, cfg, workdir: str, mesh=None, rules=None) -> report_lib.Section:
+  """Everything above, resumable; returns the section (the caller adds it to the report).
+
+  mesh (`cli.mesh(config)`): the sweep and the PGD cells run on it, the weights placed once by `rules`
+  (`sharding.on_mesh`: as they are when the loader already put them there, else from host values), so
+  under jax.distributed every process takes part in one computation; process 0 writes (`io.files`).
+  The cache keys and the unattacked baseline use `model` as given (load it with host=True under a
+  mesh: the keys then digest host values, identical on every process)."""
   d = os.path.join(workdir, "lvs")
-  os.makedirs(d, exist_ok=True)
+  if distributed.is_writer():
+    os.makedirs(d, exist_ok=True)
+  params = None if mesh is None else sharding.on_mesh(model.params, model.cfg, mesh,
+                                                     sharding.REPLICATED if rules is None else rules)
   base = behavior.evaluate_refusal(model, "lvs_behavior", prompts, max_new_tokens=cfg.max_new_tokens,
                                    batch_size=cfg.batch_size, prefixes=cfg.judge_prefixes,
                                    cache_path=os.path.join(d, "behavior.jsonl"))
@@ -150,11 +169,12 @@ def run(model, prompts, targets, cfg, workdir: str) -> report_lib.Section:
   if not cfg.only_refused:  # attack everything (smoke tests, or to study compliant prompts too)
     refused = list(range(len(prompts)))
   n_sw = cfg.sweep_prompts or len(prompts)
-  sweep = run_sweep(model, prompts[:n_sw], targets[:n_sw], cfg, os.path.join(d, "sweep.npz")) if cfg.sweep else None
+  sweep = (run_sweep(model, prompts[:n_sw], targets[:n_sw], cfg, os.path.join(d, "sweep.npz"), mesh, params)
+           if cfg.sweep else None)
   if not refused:
     return lvs_report.lvs_section(summarize({}, list(cfg.layers), cfg.radii), sweep, len(prompts), 0, 0, cfg)
   rp, rt = [prompts[i] for i in refused], [targets[i] for i in refused]
-  cells = run_cells(model, rp, rt, cfg, os.path.join(d, "cells"))
+  cells = run_cells(model, rp, rt, cfg, os.path.join(d, "cells"), mesh, params)
   summary = summarize(cells, cfg.layers, cfg.radii, seed=cfg.seed)
   files.atomic_write_json(os.path.join(d, "summary.json"), summary)
   return lvs_report.lvs_section(summary, sweep, len(prompts), n_refused, len(refused), cfg)
