@@ -12,7 +12,6 @@ A killed run re-run on the same workdir resumes every attack from its last saved
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -23,6 +22,7 @@ from absl import logging
 from lvs_jax.attacks import autodan, gcg
 from lvs_jax.attacks import test_cases as tc_lib
 from lvs_jax.evals import stats
+from lvs_jax.io import files
 from lvs_jax.report import store as report_lib
 
 
@@ -80,12 +80,12 @@ def _evaluate(model, cases, cfg) -> dict:
 def run(model, cfg: ml_collections.ConfigDict, workdir: str) -> report_lib.Section:
   ids, behaviors, targets = load_targets(cfg)
   root = os.path.join(workdir, "attack")
-  os.makedirs(root, exist_ok=True)
+  files.makedirs(root)
   B = cfg.batch_prompts
   batches = [list(range(i, min(len(ids), i + B))) for i in range(0, len(ids), B)]
   results, rows = {}, []
   if "gcg" in cfg.methods:
-    os.makedirs(os.path.join(root, "gcg"), exist_ok=True)
+    files.makedirs(os.path.join(root, "gcg"))
     for budget in cfg.gcg_budgets:
       c = ml_collections.ConfigDict(cfg.gcg.to_dict())
       c.num_steps = int(budget)
@@ -111,7 +111,7 @@ def run(model, cfg: ml_collections.ConfigDict, workdir: str) -> report_lib.Secti
       rows.append([key, ev["n"], ev["asr"], ev["asr_continued"], ev["ci95_low"], ev["ci95_high"],
                    float(np.mean([c.meta["loss"] for c in cases])), results[key]["seconds_per_step"]])
   if "autodan" in cfg.methods:
-    os.makedirs(os.path.join(root, "autodan"), exist_ok=True)
+    files.makedirs(os.path.join(root, "autodan"))
     cases, secs = [], []
     for k, rows_k in enumerate(batches):
       r = autodan.run(model, [behaviors[i] for i in rows_k], [targets[i] for i in rows_k], cfg.autodan,
@@ -128,8 +128,7 @@ def run(model, cfg: ml_collections.ConfigDict, workdir: str) -> report_lib.Secti
                               loss=[c.meta["loss"] for c in cases])
     rows.append(["autodan", ev["n"], ev["asr"], ev["asr_continued"], ev["ci95_low"], ev["ci95_high"],
                  float(np.mean([c.meta["loss"] for c in cases])), results["autodan"]["seconds_per_step"]])
-  with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  files.atomic_write_json(os.path.join(root, "results.json"), results, indent=1)  # process 0 only
   summary = {}
   for key, r in results.items():
     summary[f"asr/{key}"] = r["asr"]

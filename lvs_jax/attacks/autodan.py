@@ -47,6 +47,7 @@ import numpy as np
 from absl import logging
 
 from lvs_jax.attacks import common
+from lvs_jax.core import distributed
 
 SLOT = "[PROMPT]"
 
@@ -309,7 +310,7 @@ def run(model, behaviors: Sequence[str], targets: Sequence[str], cfg: ml_collect
     if log_every and st["step"] % log_every == 0:
       logging.info("autodan generation %d: best loss %s (%.2f s)", st["step"], np.round(st["best_loss"], 3).tolist(),
                    dt)
-    if state_path:
+    if state_path and distributed.is_writer():  # one writer: process 0
       tmp = state_path + ".tmp"
       with open(tmp, "w") as f:
         json.dump(dict(fingerprint=fp, state=st, rng=rng.bit_generator.state), f)

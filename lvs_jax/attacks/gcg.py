@@ -292,6 +292,10 @@ class Result:
 
 
 def _atomic_json(path: str, obj) -> None:
+  from lvs_jax.core import distributed
+
+  if not distributed.is_writer():  # one writer: process 0 (json.dump keeps inf losses, which io.files would null)
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f)

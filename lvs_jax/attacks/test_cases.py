@@ -20,6 +20,7 @@ import numpy as np
 
 from lvs_jax.attacks import common
 from lvs_jax.core import generate as generate_lib
+from lvs_jax.io import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ def behavior_id(source: str, index: int) -> str:
 def save(directory: str, cases: Sequence[TestCase]) -> str:
   """Writes test_cases.json (HarmBench layout) and logs.json; returns the test_cases.json path.
   Existing files are merged (same behavior id: the new cases are appended, duplicates dropped)."""
-  os.makedirs(directory, exist_ok=True)
+  files.makedirs(directory)
   path, log_path = os.path.join(directory, "test_cases.json"), os.path.join(directory, "logs.json")
   tc, logs = {}, {}
   if os.path.exists(path):
@@ -55,9 +56,7 @@ def save(directory: str, cases: Sequence[TestCase]) -> str:
     tc.setdefault(c.behavior_id, []).append(c.test_case)
     logs.setdefault(c.behavior_id, []).append({"behavior": c.behavior, "test_case": c.test_case, **c.meta})
   for p, obj in ((path, tc), (log_path, logs)):
-    with open(p + ".tmp", "w") as f:
-      json.dump(obj, f, indent=1)
-    os.replace(p + ".tmp", p)
+    files.atomic_write_json(p, obj, indent=1)  # process 0 only
   return path
 
 

@@ -127,7 +127,7 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
     report_lib.Report(workdir).add_section(fair_section)
   d = os.path.join(workdir, "drift")
   emb_dir = os.path.join(d, "embeddings")
-  os.makedirs(emb_dir, exist_ok=True)
+  files.makedirs(emb_dir)
   sets = prompt_sets(cfg)
   best, sel = select_layer(model, sets, cfg, emb_dir)
   (p_fit, y_fit), (p_val, y_val), (p_test, y_test) = sets["fit"], sets["val"], sets["test"]

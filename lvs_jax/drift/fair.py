@@ -55,6 +55,7 @@ from lvs_jax.drift import families as drift
 from lvs_jax.drift import metrics, probes
 from lvs_jax.drift import study as drift_eval
 from lvs_jax.drift import tasks as drift_tasks
+from lvs_jax.io import files
 from lvs_jax.report import store as report_lib
 
 CONVENTIONS = drift.CONVENTIONS
@@ -566,7 +567,7 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
   fc = cfg.fair
   out_dir = os.path.join(workdir, "drift_fair")
   emb_dir = os.path.join(out_dir, "embeddings")
-  os.makedirs(emb_dir, exist_ok=True)
+  files.makedirs(emb_dir)
   sets = drift_audit.prompt_sets(cfg)
   (p_fit, y_fit), (p_val, y_val) = sets["fit"], sets["val"]
   tk = drift_tasks.build_tasks(p_fit + p_val, tuple(fc.tasks), fc.n_per_class, cfg.seed)
@@ -634,8 +635,7 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
              separability=sep)
   res = report_lib.to_jsonable(res, "drift_fair results")
   res["notes"] = fair_section.notes(res)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(res, f, indent=1)
+  files.atomic_write_json(os.path.join(out_dir, "results.json"), res, indent=1)  # process 0 only
   return fair_section.section(res)
 
 
@@ -650,8 +650,5 @@ def _cached(out_dir: str, name: str, key_parts, compute):
       logging.info("fair: reusing %s", path)
       return z["value"]
   value = report_lib.to_jsonable(compute(), name)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump({"key": key, "value": value}, f)
-  os.replace(tmp, path)
+  files.atomic_write_json(path, {"key": key, "value": value})  # process 0 only
   return value

@@ -126,7 +126,7 @@ def evaluate_refusal(
         "use a fresh workdir or delete the file"
       )
   if cache_path:
-    os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
+    files.makedirs(os.path.dirname(cache_path) or ".")
   todo = range(len(records), len(prompts), batch_size)
   for b0 in tqdm(todo, desc=f"{name}: generate", disable=not progress or not todo):
     chunk = prompts[b0:b0 + batch_size]

@@ -325,7 +325,7 @@ def run_cells(model, cs, controls, ablation_dirs, sets, cfg, d: str, layers: dic
               ) -> dict[tuple[str, str], dict]:
   """Generates and judges every cell (cached one JSON per cell) -> {(set, name): record}."""
   cell_dir = os.path.join(d, "cells")
-  os.makedirs(cell_dir, exist_ok=True)
+  files.makedirs(cell_dir)
   ids = judges.refusal_token_ids(model.tokenizer)
   out, model_key = {}, keys.model_parts(model)
   for spec in cell_specs(cs, cfg, layers):
@@ -429,7 +429,7 @@ def run_diagnostics(model, sets, cfg, d: str) -> dict:
 def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
   """Everything above, resumable; returns the section (the caller adds it to the report)."""
   d = os.path.join(workdir, "geometry")
-  os.makedirs(d, exist_ok=True)
+  files.makedirs(d)
   sets = prompt_sets(cfg)
   _atomic_json(os.path.join(d, "prompt_sets.json"), sets)
   labelling = label_pool(model, sets, cfg, d)

@@ -250,7 +250,7 @@ def save_carriers(path: str | os.PathLike, carriers: Mapping[str, Carrier]) -> t
   """
   path = os.fspath(path)
   base = path[:-4] if path.endswith(".npz") or path.endswith(".json") else path
-  os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
+  files.makedirs(os.path.dirname(base) or ".")
   arrays = {name: np.asarray(c.vectors, np.float32) for name, c in carriers.items()}
   info = {name: dict(name=c.name, pooling=c.pooling, site=c.site, n_pos=c.n_pos, n_neg=c.n_neg,
                      shape=list(c.vectors.shape), meta=files.to_jsonable(c.meta, f"carrier {name} meta"))

@@ -7,6 +7,7 @@
   read_jsonl(path)                     the rows before the first torn line; by default the file is cut
                                        back to them, so rows appended later are not hidden behind it
   to_jsonable(x)                       numpy/jax values, tuples, paths -> strict-JSON Python (nan -> None)
+  makedirs(path)                       os.makedirs(exist_ok=True) on the writer process only
 
 A process killed while appending leaves at most one incomplete last line. Readers elsewhere used to
 stop there and leave it in place, so the next run appended its rows after the fragment and every
@@ -78,6 +79,16 @@ def _atomic(path: str | os.PathLike):
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
+
+
+def makedirs(path: str | os.PathLike) -> None:
+  """`os.makedirs(path, exist_ok=True)` on the one writer process (process 0 under jax.distributed; always
+  on one process): the others never create anything in the workdir (the writes above make their own
+  directories, so a later read on another process waits for the writer, not for this)."""
+  from lvs_jax.core import distributed
+
+  if distributed.is_writer():
+    os.makedirs(os.fspath(path), exist_ok=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from lvs_jax.core import batching, distributed, sharding
+from lvs_jax.core import batching, sharding
 from lvs_jax.evals import behavior, judges
 from lvs_jax.io import files, keys
 from lvs_jax.lvs import attack as lvs
@@ -83,8 +83,7 @@ def run_sweep(model, prompts, targets, cfg, path: str, mesh=None, params=None) -
 def run_cells(model, prompts, targets, cfg, cell_dir: str, mesh=None, params=None) -> dict:
   """PGD + generation for every (layer, radius) cell; returns {(layer, radius_index): record}. With a
   `mesh` (`params` on it, see `run`) attack and generation run with the prompts over "data"."""
-  if distributed.is_writer():  # one writer (the cell files go through io.files, which makes the directory too)
-    os.makedirs(cell_dir, exist_ok=True)
+  files.makedirs(cell_dir)  # one writer: process 0
   ids = jnp.asarray(judges.refusal_token_ids(model.tokenizer))
   acfg = lvs.AttackConfig(norm=cfg.norm, scope=cfg.scope, relative=True, steps=cfg.steps, step_size=cfg.step_size,
                           optimizer=cfg.optimizer, loss=cfg.loss, random_start=cfg.random_start,
@@ -156,8 +155,7 @@ def run(model, prompts, targets, cfg, workdir: str, mesh=None, rules=None) -> re
   The cache keys and the unattacked baseline use `model` as given (load it with host=True under a
   mesh: the keys then digest host values, identical on every process)."""
   d = os.path.join(workdir, "lvs")
-  if distributed.is_writer():
-    os.makedirs(d, exist_ok=True)
+  files.makedirs(d)
   params = None if mesh is None else sharding.on_mesh(model.params, model.cfg, mesh,
                                                      sharding.REPLICATED if rules is None else rules)
   base = behavior.evaluate_refusal(model, "lvs_behavior", prompts, max_new_tokens=cfg.max_new_tokens,

@@ -106,7 +106,7 @@ def own_completions(model: LoadedModel, prompts: Sequence[str], *, max_new_token
     for r in files.read_jsonl(cache_path):
       cached.setdefault(r["prompt"], r)
   todo = list(dict.fromkeys(p for p in prompts if p not in cached))
-  os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
+  files.makedirs(os.path.dirname(cache_path) or ".")
   bar = tqdm(range(0, len(todo), batch_size), desc="own completions", unit="batch", disable=not progress or not todo)
   for b0 in bar:
     chunk = todo[b0:b0 + batch_size]
@@ -280,6 +280,10 @@ def export(model: LoadedModel, params, path: str) -> str:
   from lvs_jax.io import hf
 
   path = os.path.abspath(os.path.expanduser(path))
+  from lvs_jax.core import distributed
+
+  if not distributed.is_writer():  # one writer: process 0 exports (params must be host-readable on it)
+    return path
   tmp = f"{path}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   hf.save_hf_dir(with_params(model, params), path=tmp)
