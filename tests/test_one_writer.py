@@ -9,7 +9,7 @@ import pytest
 from lvs_jax.attacks import gcg
 from lvs_jax.attacks import test_cases as tc_lib
 from lvs_jax.core import distributed
-from lvs_jax.drift import fair
+from lvs_jax.drift import fair_audit
 from lvs_jax.io import files
 
 
@@ -19,7 +19,7 @@ def _write_everything(root):
   files.makedirs(os.path.join(root, "gcg"))
   gcg._atomic_json(os.path.join(root, "gcg", "state.json"), {"best_loss": float("inf")})
   files.makedirs(os.path.join(root, "fair"))
-  return fair._cached(os.path.join(root, "fair"), "task_t", {"k": 1}, lambda: {"auc": 0.75})
+  return fair_audit.cached(os.path.join(root, "fair"), "task_t", {"k": 1}, lambda: {"auc": 0.75})
 
 
 @pytest.mark.parametrize("writer", [True, False])
@@ -31,9 +31,10 @@ def test_only_the_writer_writes(tmp_path, monkeypatch, writer):
   if not writer:
     assert os.listdir(tmp_path) == []
     return
-  assert written == ["cases/logs.json", "cases/test_cases.json", "fair/task_t.json", "gcg/state.json"]
+  assert written == ["cases/logs.json", "cases/test_cases.json", "fair/task_t.json", "fair/task_t.json.key.json",
+                     "gcg/state.json"]
   assert os.path.isdir(tmp_path / "a" / "b")
   assert json.loads((tmp_path / "cases" / "test_cases.json").read_text()) == {"x/0": ["please do x"]}
   assert json.loads((tmp_path / "gcg" / "state.json").read_text()) == {"best_loss": float("inf")}  # inf kept
-  assert json.loads((tmp_path / "fair" / "task_t.json").read_text())["value"] == {"auc": 0.75}
-  assert fair._cached(str(tmp_path / "fair"), "task_t", {"k": 1}, lambda: 1 / 0) == {"auc": 0.75}  # reused
+  assert json.loads((tmp_path / "fair" / "task_t.json").read_text()) == {"auc": 0.75}
+  assert fair_audit.cached(str(tmp_path / "fair"), "task_t", {"k": 1}, lambda: 1 / 0) == {"auc": 0.75}  # reused

@@ -119,9 +119,9 @@ def changed_model(model, source: str, seed: int):
 def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
   """Everything above; writes workdir/drift/ and returns the "drift" section (the caller adds it)."""
   if cfg.get("fair") and cfg.fair.enabled:  # issue 16: the fair test (lvs_jax/drift/fair.py), its own section
-    from lvs_jax.drift import fair
+    from lvs_jax.drift import fair_audit
 
-    fair_section = fair.run(model, cfg, workdir, model_name)
+    fair_section = fair_audit.run(model, cfg, workdir, model_name)
     if cfg.fair.only:
       return fair_section
     report_lib.Report(workdir).add_section(fair_section)

@@ -29,23 +29,21 @@ directions. This module removes each of those advantages:
   separability  the task's prompts embedded by two models (our instruct model vs the aligned anchor):
               Fisher ratio, cosine silhouette and linear margin with paired bootstrap intervals
 
-`analyze` is the study on arrays (tested on planted data); `run` embeds the prompts with a model and writes
-workdir/drift_fair/ (embeddings cached, per-task results cached by a content key, so a restart resumes).
+`analyze` is the study on arrays (tested on planted data); `lvs_jax.drift.fair_audit.run` embeds the prompts with
+a model and writes workdir/drift_fair/ (embeddings and per-task results cached by content keys, so a restart
+resumes); `lvs_jax.drift.fair_section` renders what it wrote. Default configs: experiments/configs/drift.py
+(`fair_config`, `make_fair_smoke`).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
-import os
 import warnings
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -54,51 +52,12 @@ from lvs_jax.drift import alarm as drift_alarm
 from lvs_jax.drift import families as drift
 from lvs_jax.drift import metrics, probes
 from lvs_jax.drift import study as drift_eval
-from lvs_jax.drift import tasks as drift_tasks
-from lvs_jax.io import files
-from lvs_jax.report import store as report_lib
+from lvs_jax.evals import stats
 
 CONVENTIONS = drift.CONVENTIONS
 PROBES = ("paper", "hardened")
 DIRECTIONS = ("probe_normal", "class_mean", "auc_worst", "random_mean", "random_worst")
 PAPER_SIGMA = 0.02
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The fair study's knobs (config section `fair` of experiments/configs/drift.py; ~10 minutes on 2 CPU cores)."""
-  c = ml_collections.ConfigDict()
-  c.enabled = False
-  c.only = False  # True: run only this study (not the rest of the drift audit)
-  c.layer = -1  # the fixed embedding: resid_post of this layer (-1: the last), no layer search
-  c.pooling = "mean"
-  c.tasks = drift_tasks.TASKS
-  c.n_per_class = 250
-  c.target_auc = 0.85  # the headline task is the one whose clean paper-probe AUC is closest to this
-  c.seeds = 5
-  c.repeats = 8  # drift draws per sigma and seed
-  c.sigmas = tuple(sorted({0.0, PAPER_SIGMA, *(float(s) for s in np.round(np.logspace(-4, 1.5, 23), 6))}))
-  c.paper = ml_collections.ConfigDict(dict(l2=1e-3, lr=1e-2, max_steps=1000))
-  c.hardened = ml_collections.ConfigDict(dict(lr=1e-2, max_steps=400, patience=40, l2s=(1e-4, 1e-3, 1e-2, 1e-1)))
-  c.collapse_auc = 0.55  # "AUC ~ 0.5": the first sigma where the mean AUC falls below this
-  c.silent_threshold = 0.8
-  c.n_random = 100
-  c.worst_steps = 150
-  c.alarm = ml_collections.ConfigDict(dict(statistics=("residual", "mean", "mmd"), alpha=0.05, window=64,
-                                           n_windows=100, n_perm=200, k=16, power=0.9))
-  c.reanchor = ml_collections.ConfigDict(dict(n_anchors=(16, 64, 256), n_pool=256, repeats=4, identity_prior=1e-4))
-  c.separability = ml_collections.ConfigDict(dict(source="smollm2-135m-aligned", n_boot=50))
-  return c
-
-
-def make_smoke(c: ml_collections.ConfigDict) -> None:
-  """Shrinks the fair study to seconds (planted data or a tiny run)."""
-  c.update(tasks=("xstest",), n_per_class=24, seeds=2, repeats=2, n_random=8, worst_steps=20,
-           sigmas=(0.0, 0.002, PAPER_SIGMA, 0.2, 2.0, 20.0))
-  c.paper.update(max_steps=100)
-  c.hardened.update(max_steps=60, patience=10, l2s=(1e-3, 1e-2))
-  c.alarm.update(window=8, n_windows=8, n_perm=20, k=4)
-  c.reanchor.update(n_anchors=(8,), n_pool=16, repeats=2)
-  c.separability.update(n_boot=4)
 
 
 # --- Probes ------------------------------------------------------------------------------------------
@@ -274,32 +233,6 @@ def binormal_auc(probe: probes.Probe, x, y, sigmas, convention: str) -> np.ndarr
   return np.asarray(norm.cdf(gap / np.sqrt(var + 2 * s ** 2)), np.float64)
 
 
-def _interp_log(sigmas, values, s) -> float:
-  """values at sigma s, linear in log sigma over the positive grid (nan for s = nan)."""
-  if not math.isfinite(s):
-    return float("nan")
-  sg, v = np.asarray(sigmas, float), np.asarray(values, float)
-  keep = sg > 0
-  if s <= 0:
-    return float(v[0])
-  return float(np.interp(math.log(s), np.log(sg[keep]), v[keep]))
-
-
-def interval(samples, level: float = 0.95) -> tuple[float, float, float]:
-  """(mean, low, high) of per-seed values: the t-interval of the mean (nan-aware; a single value has none)."""
-  from lvs_jax.evals.stats import t_quantile
-
-  v = np.asarray(samples, np.float64)
-  v = v[np.isfinite(v)]
-  if v.size == 0:
-    return float("nan"), float("nan"), float("nan")
-  m = float(v.mean())
-  if v.size == 1:
-    return m, float("nan"), float("nan")
-  h = float(t_quantile(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-  return m, m - h, m + h
-
-
 # --- The alarm on a given drift ----------------------------------------------------------------------------
 
 
@@ -433,8 +366,8 @@ def analyze(key, x_fit, y_fit, x_val, y_val, x_test, y_test, cfg, full: bool = T
                  entry["clean"]["hardened"]["auc"])
   # Aggregates over seeds: clean metrics, sweeps (mean, low, high per sigma).
   for p in PROBES:
-    res["clean"][p] = {m: interval([e["clean"][p][m] for e in per_seed]) for m in per_seed[0]["clean"][p]}
-    res["clean"][p]["temperature"] = interval([float(e["info"][p]["temperature"]) for e in per_seed])
+    res["clean"][p] = {m: stats.t_interval([e["clean"][p][m] for e in per_seed]) for m in per_seed[0]["clean"][p]}
+    res["clean"][p]["temperature"] = stats.t_interval([float(e["info"][p]["temperature"]) for e in per_seed])
     for conv in CONVENTIONS:
       res["sweeps"][f"{p}/{conv}"] = _agg([e[(p, conv)] for e in per_seed],
                                           ("auc", "balanced_accuracy", "confidence", "silent_failure_rate", "angle",
@@ -459,8 +392,8 @@ def _agg(dicts: Sequence[dict], names) -> dict[str, list[np.ndarray]]:
   out = {}
   for n in names:
     v = np.stack([np.asarray(d[n], np.float64) for d in dicts])
-    stats = np.array([interval(v[:, i]) for i in range(v.shape[1])])
-    out[n] = [stats[:, 0], stats[:, 1], stats[:, 2]]
+    ci = np.array([stats.t_interval(v[:, i]) for i in range(v.shape[1])])
+    out[n] = [ci[:, 0], ci[:, 1], ci[:, 2]]
   return out
 
 
@@ -472,7 +405,7 @@ def _summary(res, cfg) -> list[dict]:
     rs = [r for r in res["points"] if (r["probe"], r["drift"], r["point"]) == (p, dr, pt)]
     row = dict(probe=p, drift=dr, point=pt, n_seeds=len(rs))
     for m in ("sigma", "angle", "auc", "balanced_accuracy", "confidence_drop", "silent_share", "error_rate"):
-      row[m], row[f"{m}_low"], row[f"{m}_high"] = interval([r[m] for r in rs])
+      row[m], row[f"{m}_low"], row[f"{m}_high"] = stats.t_interval([r[m] for r in rs])
     rows.append(row)
   return rows
 
@@ -505,14 +438,14 @@ def _alarm_and_reanchor(key, probe, x_fit, x_test, y_test, res, cfg) -> dict:
       angle = curve["angle"][0]
       bacc = curve["balanced_accuracy"][0]
       collapse = drift_eval.crossing(sigmas, bacc, 0.5 + (bacc[0] - 0.5) / 2)
-    row = dict(drift=name, collapse_sigma=collapse, collapse_angle=_interp_log(sigmas, angle, collapse),
+    row = dict(drift=name, collapse_sigma=collapse, collapse_angle=drift_eval.interp_log(sigmas, angle, collapse),
                collapse_kind="balanced accuracy halfway to 0.5" if name.startswith("directional") else
                f"AUC < {cfg.collapse_auc}")
     for st, f in fr.items():
       ds = drift_eval.crossing(sigmas, f, al.power, below=False)
-      row[f"detect_sigma_{st}"], row[f"detect_angle_{st}"] = ds, _interp_log(sigmas, angle, ds)
-      row[f"fire_at_0.02_{st}"] = _interp_log(sigmas, f, PAPER_SIGMA)
-      row[f"fire_at_collapse_{st}"] = _interp_log(sigmas, f, collapse)
+      row[f"detect_sigma_{st}"], row[f"detect_angle_{st}"] = ds, drift_eval.interp_log(sigmas, angle, ds)
+      row[f"fire_at_0.02_{st}"] = drift_eval.interp_log(sigmas, f, PAPER_SIGMA)
+      row[f"fire_at_collapse_{st}"] = drift_eval.interp_log(sigmas, f, collapse)
     detect.append(row)
     points = [("sigma=0.02", PAPER_SIGMA)] if name.startswith("isotropic") else []
     points.append(("collapse", collapse))
@@ -532,123 +465,3 @@ def _alarm_and_reanchor(key, probe, x_fit, x_test, y_test, res, cfg) -> dict:
       for r in drift_eval.reanchor_rows(name, sg, angle_b, ns, clean, drifted, fixed):
         reanchor.append(dict(point=pt, **r))
   return dict(alarm=alarm, detect=detect, reanchor=reanchor)
-
-
-def real_drift(probe_set: dict, x_test, y_test, x_test_b, anchors_a, anchors_b, cfg, name: str) -> dict:
-  """The probes on the task embedded by another model (same prompts), and Procrustes from the fit anchors."""
-  row = dict(source=name, angle=float(jnp.mean(metrics.angle_deg(jnp.asarray(x_test), jnp.asarray(x_test_b)))))
-  for p, probe in probe_set.items():
-    c = drift_eval.evaluate(probe, x_test, y_test, cfg.silent_threshold)
-    m = collapse_metrics(probes.predict_proba(probe, jnp.asarray(x_test)), probes.predict_proba(probe, x_test_b),
-                         y_test, probes.logits(probe, jnp.asarray(x_test_b)), cfg.silent_threshold)
-    row.update({f"{p}_auc_clean": c["auc"], **{f"{p}_{k}": v for k, v in m.items()}})
-  ra = cfg.reanchor
-  ns = [n for n in ra.n_anchors if n <= len(anchors_a)]
-  fixed = drift_eval.reanchor_scores(jax.random.key(0), probe_set["paper"], anchors_a, anchors_b, x_test_b, y_test,
-                                     ns, repeats=ra.repeats, identity_prior=ra.identity_prior)
-  row["paper_auc_reanchored"] = float(fixed["auc"][-1]) if ns else float("nan")
-  row["paper_bacc_reanchored"] = float(fixed["balanced_accuracy"][-1]) if ns else float("nan")
-  return row
-
-
-# --- With a model ---------------------------------------------------------------------------------------
-
-
-def _content_key(*parts) -> str:
-  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
-  """The fair study on `model` (config: the drift config, section cfg.fair); writes workdir/drift_fair/
-  (embeddings/*.npz, task_<name>.json per task, results.json) and returns the "drift_fair" report section."""
-  from lvs_jax.drift import audit as drift_audit
-  from lvs_jax.drift import embeddings, fair_section
-
-  fc = cfg.fair
-  out_dir = os.path.join(workdir, "drift_fair")
-  emb_dir = os.path.join(out_dir, "embeddings")
-  files.makedirs(emb_dir)
-  sets = drift_audit.prompt_sets(cfg)
-  (p_fit, y_fit), (p_val, y_val) = sets["fit"], sets["val"]
-  tk = drift_tasks.build_tasks(p_fit + p_val, tuple(fc.tasks), fc.n_per_class, cfg.seed)
-  everything = list(dict.fromkeys(p_fit + p_val + [p for t in tk.values() for p in t.prompts]))
-  where = {p: i for i, p in enumerate(everything)}
-  layer = fc.layer % model.cfg.n_layers
-  name = model_name or model.name or "model"
-
-  def emb(m, tag):
-    x = embeddings.embed(m, everything, layers=[layer], pooling=fc.pooling, site=cfg.site, chat=cfg.chat,
-                         batch_size=cfg.batch_size, cache=os.path.join(emb_dir, f"{tag}_{fc.pooling}_L{layer}.npz"),
-                         progress=True)[0]
-    return np.asarray(drift.unit(jnp.asarray(x)))
-
-  x = emb(model, "model")
-  rows = lambda ps: np.array([where[p] for p in ps])  # noqa: E731
-  x_fit, x_val = x[rows(p_fit)], x[rows(p_val)]
-  key = jax.random.key(cfg.seed)
-  results, clean_rows = {}, []
-  # Clean AUC of every task first (cheap), then the full study on the headline task.
-  for t in tk.values():
-    results[t.name] = _cached(out_dir, f"task_{t.name}_clean", (fc.to_dict(), t.prompts, name, layer),
-                              lambda t=t: analyze(key, x_fit, y_fit, x_val, y_val, x[rows(t.prompts)], t.labels,
-                                                  fc, full=False))
-    c = results[t.name]["clean"]
-    clean_rows.append(dict(task=t.name, description=t.description, n_pos=t.n_pos, n_neg=t.n_neg,
-                           paper_auc=c["paper"]["auc"][0], paper_auc_low=c["paper"]["auc"][1],
-                           paper_auc_high=c["paper"]["auc"][2], hardened_auc=c["hardened"]["auc"][0],
-                           hardened_auc_low=c["hardened"]["auc"][1], hardened_auc_high=c["hardened"]["auc"][2]))
-  head = min(clean_rows, key=lambda r: abs(r["paper_auc"] - fc.target_auc))["task"]
-  logging.info("fair: headline task %s (clean paper-probe AUC %.3f)", head, results[head]["clean"]["paper"]["auc"][0])
-  t = tk[head]
-  x_test = x[rows(t.prompts)]
-  full = _cached(out_dir, f"task_{head}_full", (fc.to_dict(), t.prompts, name, layer),
-                 lambda: analyze(key, x_fit, y_fit, x_val, y_val, x_test, t.labels, fc, full=True))
-  real, sep = [], []
-  src = fc.separability.source
-  if src:
-    from lvs_jax.io import registry
-
-    other = registry.load_model(src, dtype=model.params.embed.dtype)
-    xb = emb(other, src.replace("/", "_").replace(":", "_"))
-    del other
-
-    def other_model():
-      pr, _ = _probe_set(key, x_fit, y_fit, x_val, y_val, fc, 0)
-      n_pool = min(fc.reanchor.n_pool, len(p_fit))
-      rr = [real_drift(pr, x_test, t.labels, xb[rows(t.prompts)], x_fit[:n_pool], xb[rows(p_fit)][:n_pool], fc, src)]
-      ss = []
-      for tn, tt in tk.items():
-        r = separability_change(x[rows(tt.prompts)], xb[rows(tt.prompts)], tt.labels, (name, src),
-                                fc.separability.n_boot, cfg.seed)
-        ss += [dict(task=tn, **row) for row in r]
-      return dict(real=rr, separability=ss)
-
-    z = _cached(out_dir, "other_model", (fc.to_dict(), everything, name, src, layer, head), other_model)
-    real, sep = z["real"], z["separability"]
-  res = dict(setup=dict(model=name, layer=layer, pooling=fc.pooling, site=cfg.site, chat=cfg.chat, seeds=fc.seeds,
-                        repeats=fc.repeats, n_fit=len(p_fit), n_val=len(p_val), headline_task=head,
-                        headline_description=t.description, collapse_auc=fc.collapse_auc,
-                        silent_threshold=fc.silent_threshold, target_auc=fc.target_auc, paper=fc.paper.to_dict(),
-                        hardened=fc.hardened.to_dict(), n_random=fc.n_random, alarm=fc.alarm.to_dict(),
-                        separability_source=src),
-             tasks=clean_rows, other_tasks={k: v for k, v in results.items()}, full=full, real=real,
-             separability=sep)
-  res = report_lib.to_jsonable(res, "drift_fair results")
-  res["notes"] = fair_section.notes(res)
-  files.atomic_write_json(os.path.join(out_dir, "results.json"), res, indent=1)  # process 0 only
-  return fair_section.section(res)
-
-
-def _cached(out_dir: str, name: str, key_parts, compute):
-  """compute() -> JSON-able results, reused from out_dir/<name>.json when its content key matches."""
-  path = os.path.join(out_dir, f"{name}.json")
-  key = _content_key(key_parts)
-  if os.path.exists(path):
-    with open(path) as f:
-      z = json.load(f)
-    if z.get("key") == key:
-      logging.info("fair: reusing %s", path)
-      return z["value"]
-  value = report_lib.to_jsonable(compute(), name)
-  files.atomic_write_json(path, {"key": key, "value": value})  # process 0 only
-  return value

@@ -1,5 +1,5 @@
-"""The report's "drift_fair" section (issue 16): what `lvs_jax.drift.fair.run` measured, in tables, figures
-and a closing note. Rendering only; every number comes from the results dict `fair.run` writes
+"""The report's "drift_fair" section (issue 16): what `lvs_jax.drift.fair_audit.run` measured, in tables, figures
+and a closing note. Rendering only; every number comes from the results dict `fair_audit.run` writes
 (workdir/drift_fair/results.json), so a section can be re-rendered from that file alone:
 
   section(json.load(open("<workdir>/drift_fair/results.json")))
@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import matplotlib.pyplot as plt
 import numpy as np
 
+from lvs_jax.drift import study
 from lvs_jax.report import store as report_lib
 
 CONVENTIONS = ("norm", "coord")
@@ -47,21 +48,17 @@ def _row(summary, probe, drift, point):
   return next((r for r in summary if (r["probe"], r["drift"], r["point"]) == (probe, drift, point)), None)
 
 
-def _interp_log(xs, ys, x) -> float:
-  if x is None or not math.isfinite(x):
-    return float("nan")
-  xs, ys = np.asarray(xs, float), np.asarray(ys, float)
-  keep = xs > 0
-  return float(np.interp(math.log(x), np.log(xs[keep]), ys[keep])) if x > 0 else float(ys[0])
-
-
 def notes(res: Mapping) -> str:
   """The closing note: the headline answers in words, with intervals over seeds."""
-  s, full = res["setup"], res["full"]
-  sm = full["summary"]
-  sig = full["sigma"]
-  c = full["clean"]
-  lines = [
+  full = res["full"]
+  return "\n".join(_setup_lines(res) + _isotropic_lines(res["setup"], full) + _directional_lines(res["setup"], full)
+                   + _alarm_lines(full) + _reanchor_lines(full) + _other_model_lines(res))
+
+
+def _setup_lines(res: Mapping) -> list[str]:
+  """The task, the model and embedding, the seeds, every task's clean AUC and both probes."""
+  s, c = res["setup"], res["full"]["clean"]
+  return [
     f"Task {s['headline_task']}: {s['headline_description']}; held out from the probes' training prompts "
     f"(harmful_train vs harmless_train, {s['n_fit']} fit + {s['n_val']} validation). Model {s['model']}, fixed "
     f"embedding: layer {s['layer']} {s['site']}, {s['pooling']} pooling, no layer search. Intervals: 95% t-intervals "
@@ -77,6 +74,11 @@ def notes(res: Mapping) -> str:
     f"{_f(c['hardened']['temperature'][0])}). Clean confidence: paper {_f(c['paper']['confidence'][0])}, hardened "
     f"{_f(c['hardened']['confidence'][0])}.",
   ]
+
+
+def _isotropic_lines(s: Mapping, full: Mapping) -> list[str]:
+  """Per convention and probe: the metrics at sigma = 0.02 and at collapse."""
+  sm, sig, c, lines = full["summary"], full["sigma"], full["clean"], []
   for conv in CONVENTIONS:
     for p in PROBES:
       a = _row(sm, p, f"isotropic/{conv}", "sigma=0.02")
@@ -84,9 +86,10 @@ def notes(res: Mapping) -> str:
       if a is None:
         continue
       pred = full["sweeps"][f"{p}/{conv}"]["predicted_auc"][0]
+      closed = study.interp_log(sig, full["angles"][conv]["closed_form"], 0.02)
       txt = (f"{CONV_NAME[conv]}, {p} probe: sigma = 0.02 turns embeddings by {_f(a['angle'])} degrees (closed form "
-             f"{_f(_interp_log(sig, full['angles'][conv]['closed_form'], 0.02))}); ROC-AUC {_f(c[p]['auc'][0])} -> "
-             f"{_m(a, 'auc')} (binormal prediction {_f(_interp_log(sig, pred, 0.02))}), balanced accuracy "
+             f"{_f(closed)}); ROC-AUC {_f(c[p]['auc'][0])} -> "
+             f"{_m(a, 'auc')} (binormal prediction {_f(study.interp_log(sig, pred, 0.02))}), balanced accuracy "
              f"{_m(a, 'balanced_accuracy')}, confidence drop {_m(a, 'confidence_drop', 2, True)}, silent share of "
              f"errors {_m(a, 'silent_share', 2, True)}.")
       if b is not None and math.isfinite(b["sigma"]):
@@ -96,7 +99,12 @@ def notes(res: Mapping) -> str:
       else:
         txt += f" The AUC never falls below {s['collapse_auc']} on the grid (up to sigma {_f(max(sig))})."
       lines.append(txt)
-  d = full.get("directional", {})
+  return lines
+
+
+def _directional_lines(s: Mapping, full: Mapping) -> list[str]:
+  """Per probe: where directional drift along each named direction halves the balanced accuracy's margin."""
+  d, lines = full.get("directional", {}), []
   if d:
     for p in PROBES:
       parts = []
@@ -115,6 +123,12 @@ def notes(res: Mapping) -> str:
                      f"{s['collapse_auc']} at {_f(ang[j[0]]) if j.size else 'never'}" + (" deg" if j.size else ""))
       lines.append(f"Directional drift, {p} probe (first grid point past the level; random_worst = the worst of "
                    f"{s['n_random']} random directions): " + "; ".join(parts) + ".")
+  return lines
+
+
+def _alarm_lines(full: Mapping) -> list[str]:
+  """Per drift: the alarm's 90% detection angle against the collapse angle."""
+  lines = []
   for r in full.get("detect", []):
     det = {k[len("detect_angle_"):]: v for k, v in r.items() if k.startswith("detect_angle_")}
     best = min((v for v in det.values() if v is not None and math.isfinite(v)), default=float("nan"))
@@ -125,14 +139,25 @@ def notes(res: Mapping) -> str:
                  + " Fire rate at sigma = 0.02: " + ", ".join(f"{k[len('fire_at_0.02_'):]} {_f(v, 2)}"
                                                                for k, v in r.items() if k.startswith("fire_at_0.02_"))
                  + ".")
+  return lines
+
+
+def _reanchor_lines(full: Mapping) -> list[str]:
+  """Procrustes re-anchoring with the most anchors, per drift and point."""
   best = {}
   for r in full.get("reanchor", []):
     best[(r["source"], r["point"])] = r  # the most anchors (rows are in increasing n)
-  if best:
-    lines.append("Procrustes re-anchoring (paper probe, most anchors): " + "; ".join(
+  if not best:
+    return []
+  return ["Procrustes re-anchoring (paper probe, most anchors): " + "; ".join(
       f"{src} at {pt} ({_f(r['angle_deg'])} deg): AUC {_f(r['auc_clean'])} -> {_f(r['auc_drifted'])} -> "
       f"{_f(r['auc_reanchored'])}, balanced accuracy {_f(r['bacc_clean'])} -> {_f(r['bacc_drifted'])} -> "
-      f"{_f(r['bacc_reanchored'])} ({r['n_anchors']} anchors)" for (src, pt), r in best.items()) + ".")
+      f"{_f(r['bacc_reanchored'])} ({r['n_anchors']} anchors)" for (src, pt), r in best.items()) + "."]
+
+
+def _other_model_lines(res: Mapping) -> list[str]:
+  """Real drift to the other model and the separability change on the headline task."""
+  s, lines = res["setup"], []
   for r in res.get("real", []):
     lines.append(f"Real drift {s['model']} -> {r['source']} on the headline task: mean angle {_f(r['angle'])} degrees;"
                  f" paper probe AUC {_f(r['paper_auc_clean'])} -> {_f(r['paper_auc'])} (re-anchored "
@@ -146,7 +171,7 @@ def notes(res: Mapping) -> str:
                  "95% paired bootstrap interval; the aligned anchor is our safety-SFT of the instruct model, not a "
                  "base model): " + ", ".join(f"{r['metric']} {_ci(r['relative_change'], r['low'], r['high'], 2, True)}"
                                              for r in sep) + ".")
-  return "\n".join(lines)
+  return lines
 
 
 def _plot(series, xlabel, ylabel, title, marks=(), hline=None, logx=False):
@@ -176,10 +201,19 @@ def _plot(series, xlabel, ylabel, title, marks=(), hline=None, logx=False):
 
 
 def section(res: Mapping) -> report_lib.Section:
-  """The "drift_fair" section from `fair.run`'s results dict."""
+  """The "drift_fair" section from `fair_audit.run`'s results dict."""
+  s, full = res["setup"], res["full"]
+  summary, headlines = _summary(s, full)
+  return report_lib.Section(key="drift_fair", title="Embedding drift, tested fairly (paper's task difficulty, probe "
+                            "and conventions)", summary=summary, tables=_task_tables(res) + _study_tables(res),
+                            figures=_figures(s, full), notes=res.get("notes", ""), headlines=headlines)
+
+
+def _task_tables(res: Mapping) -> list[report_lib.Table]:
+  """Every task's clean AUC and its metrics at the two points; the isotropic sweeps under both conventions."""
   s, full = res["setup"], res["full"]
   sig = list(full["sigma"])
-  tables, figures = [], []
+  tables = []
   tables.append(report_lib.Table("tasks", list(res["tasks"][0].keys()), [list(r.values()) for r in res["tasks"]],
                                  caption="Clean ROC-AUC of both probes per held-out task (mean and 95% interval over "
                                  "seeds); the headline task is the one closest to the paper's 0.85."))
@@ -209,11 +243,18 @@ def section(res: Mapping) -> report_lib.Section:
       f"Isotropic drift, {CONV_NAME[conv]}: measured mean angle next to sigma, the closed form, both probes' AUC "
       "(mean and 95% interval over seeds), the binormal prediction, balanced accuracy, mean confidence and the "
       "share of errors with confidence > 0.8.")))
+  return tables
+
+
+def _study_tables(res: Mapping) -> list[report_lib.Table]:
+  """The headline task's points, directional drift, alarm, re-anchoring, real drift and separability."""
+  s, full = res["setup"], res["full"]
+  sig = list(full["sigma"])
   sm = full["summary"]
-  tables.append(report_lib.Table("points", list(sm[0].keys()), [list(r.values()) for r in sm], caption=(
+  tables = [report_lib.Table("points", list(sm[0].keys()), [list(r.values()) for r in sm], caption=(
     "The paper's numbers at sigma = 0.02 and at collapse (AUC first below the collapse level), per probe and "
     "convention: mean and 95% interval over seeds. confidence_drop is relative (0.14 = the paper's -14%); "
-    "silent_share is the share of errors made with confidence > 0.8.")))
+    "silent_share is the share of errors made with confidence > 0.8."))]
   if full.get("directional"):
     rows = []
     for name, cur in full["directional"].items():
@@ -241,8 +282,14 @@ def section(res: Mapping) -> report_lib.Section:
         "Real drift: the probes on the headline task embedded by the other model." if name == "real" else
         f"Separability {s['model']} vs {s['separability_source']} per task, relative change with 95% paired bootstrap "
         "interval (the aligned anchor is a safety-SFT of the instruct model; no base model is available offline).")))
-  # Figures: AUC against the measured angle, both conventions and probes, the binormal prediction dashed.
-  series, marks = {}, []
+  return tables
+
+
+def _figures(s: Mapping, full: Mapping) -> list[report_lib.Figure]:
+  """AUC against the measured angle (both conventions and probes, the binormal prediction dashed), directional
+  drift per direction, the alarm's fire rate."""
+  sig = list(full["sigma"])
+  series, marks, figures = {}, [], []
   for conv in CONVENTIONS:
     ang = full["angles"][conv]["measured"]
     for k, p in enumerate(PROBES):
@@ -277,6 +324,12 @@ def section(res: Mapping) -> report_lib.Section:
     figures.append(report_lib.Figure("alarm", _plot(series, "measured mean angle (degrees)", "fire rate",
                                                     "Label-free alarm", hline=s["alarm"]["alpha"], logx=True),
                                      "Share of windows on which the alarm fires, per drift and statistic."))
+  return figures
+
+
+def _summary(s: Mapping, full: Mapping) -> tuple[dict, list[report_lib.Headline]]:
+  """The section's summary numbers and headlines (the paper probe's AUC at sigma = 0.02 per convention)."""
+  sm = full["summary"]
   summary = {"headline_task": s["headline_task"], "clean_auc_paper": full["clean"]["paper"]["auc"][0],
              "clean_auc_hardened": full["clean"]["hardened"]["auc"][0]}
   for r in sm:
@@ -290,6 +343,4 @@ def section(res: Mapping) -> report_lib.Section:
       headlines.append(report_lib.Headline(f"Paper probe AUC at sigma 0.02 ({conv})", a["auc"], a["auc_low"],
                                            a["auc_high"], guide=f"{s['headline_task']}, {_f(a['angle'])} deg; clean "
                                            f"{_f(full['clean']['paper']['auc'][0])}; 0.5 = collapse"))
-  return report_lib.Section(key="drift_fair", title="Embedding drift, tested fairly (paper's task difficulty, probe "
-                            "and conventions)", summary=summary, tables=tables, figures=figures,
-                            notes=res.get("notes", ""), headlines=headlines)
+  return summary, headlines

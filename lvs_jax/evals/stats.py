@@ -6,6 +6,7 @@
   bootstrap_mean(x)                mean of x [..., N] over its last axis with a percentile bootstrap interval
   unit(x)                          rows of x [..., D] scaled to unit L2 norm (jit/vmap/grad-safe)
   t_quantile(q, df)                Student's t quantile (jax.scipy.stats has no t.ppf; no scipy needed)
+  t_interval(samples)              (mean, low, high): the t-interval of the mean of a few per-seed values
 
 Every bootstrap over prompts in the project (LVS per layer, paired carrier effects, carrier coupling)
 draws its resamples with `bootstrap_indices` (or stratified counts built the same way) and reads its
@@ -80,3 +81,17 @@ def t_quantile(q: float, df: float) -> float:
     if hi - lo <= 1e-7 * hi:
       break
   return (lo + hi) / 2
+
+
+def t_interval(samples, level: float = 0.95) -> tuple[float, float, float]:
+  """(mean, low, high) of per-seed values: the t-interval of the mean (non-finite values dropped; a single value
+  has no interval, low = high = nan; no values: all nan)."""
+  v = np.asarray(samples, np.float64)
+  v = v[np.isfinite(v)]
+  if v.size == 0:
+    return float("nan"), float("nan"), float("nan")
+  m = float(v.mean())
+  if v.size == 1:
+    return m, float("nan"), float("nan")
+  h = float(t_quantile(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+  return m, m - h, m + h
