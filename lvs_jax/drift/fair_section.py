@@ -27,6 +27,11 @@ def _f(v, digits=3) -> str:
   return f"{v:.{digits}g}"
 
 
+def _finite(v) -> bool:
+  """Whether v is a finite number (results.json stores nan as null)."""
+  return v is not None and math.isfinite(v)
+
+
 def _ci(mean, low, high, digits=3, pct=False) -> str:
   """mean [low, high]; pct: as percentages with one decimal."""
   def f(v):
@@ -92,7 +97,7 @@ def _isotropic_lines(s: Mapping, full: Mapping) -> list[str]:
              f"{_m(a, 'auc')} (binormal prediction {_f(study.interp_log(sig, pred, 0.02))}), balanced accuracy "
              f"{_m(a, 'balanced_accuracy')}, confidence drop {_m(a, 'confidence_drop', 2, True)}, silent share of "
              f"errors {_m(a, 'silent_share', 2, True)}.")
-      if b is not None and math.isfinite(b["sigma"]):
+      if b is not None and _finite(b["sigma"]):
         txt += (f" AUC ~0.5 (< {s['collapse_auc']}) only at sigma {_m(b, 'sigma')} = {_m(b, 'angle')} degrees: "
                 f"balanced accuracy {_m(b, 'balanced_accuracy')}, confidence drop {_m(b, 'confidence_drop', 2, True)}, "
                 f"silent share {_m(b, 'silent_share', 2, True)}.")
@@ -131,8 +136,8 @@ def _alarm_lines(full: Mapping) -> list[str]:
   lines = []
   for r in full.get("detect", []):
     det = {k[len("detect_angle_"):]: v for k, v in r.items() if k.startswith("detect_angle_")}
-    best = min((v for v in det.values() if v is not None and math.isfinite(v)), default=float("nan"))
-    before = math.isfinite(best) and math.isfinite(r["collapse_angle"]) and best < r["collapse_angle"]
+    best = min((v for v in det.values() if _finite(v)), default=float("nan"))
+    before = _finite(best) and _finite(r["collapse_angle"]) and best < r["collapse_angle"]
     lines.append(f"Alarm, {r['drift']}: 90% detection at " + ", ".join(f"{k} {_f(v)}" for k, v in det.items())
                  + f" degrees vs collapse ({r['collapse_kind']}) at {_f(r['collapse_angle'])} degrees: the alarm "
                  + ("fires before the collapse." if before else "does NOT fire before the collapse.")
