@@ -129,6 +129,75 @@ def _sweep_batch(cfg: ModelConfig, B: int, T: int, Tt: int, rng) -> sweeps.Sweep
   return sweeps.SweepBatch(toks, ones, pm, np.ones((B, Tt), np.int32), tp)
 
 
+def _pgd(params, cfg, sb, ids, mesh, B, T, Tt):
+  """One PGD iteration: loss and gradient with respect to a residual delta at layer 0."""
+  acfg = lvs_attack.AttackConfig()
+
+  @jax.jit
+  def pgd_step(p, b, delta):
+    ctx = model_lib.context(b.mask, cfg)
+    h0 = model_lib.embed(p, b.tokens)
+    loss = lambda d: lvs_attack.attack_loss(p, cfg, ctx, b, ids, h0, jnp.int32(0), d, acfg).sum()  # noqa: E731
+    return jax.value_and_grad(loss)(delta)
+
+  delta = jax.device_put(jnp.zeros((B, T, cfg.d_model), jnp.float32), sharding.batch_sharding(mesh, 3))
+  return "pgd", lambda: pgd_step(params, sb, delta), 2 * forward_flops(cfg, B, T, Tt), B * T
+
+
+def _gcg(params, cfg, batch, mesh, rng, opts, T, Tt):
+  """One GCG step: the one-hot token gradient of one prompt, then the losses of W candidates."""
+  W, n = opts.width, opts.suffix_len
+  s0 = T - Tt - n - 4  # suffix slots, then 4 template tokens, then the target
+
+  @jax.jit
+  def token_grad(p, toks, onehot):
+    # d loss / d one-hot(suffix): the embedding swap enters as an edit at resid_pre of layer 0.
+    emb = onehot.astype(p.embed.dtype) @ p.embed - p.embed[toks[0, s0:s0 + n]]
+    add = jnp.zeros((1, T, cfg.d_model), emb.dtype).at[0, s0:s0 + n].set(emb)
+    e = {"resid_pre": edit_lib.SiteEdit(add=edit_lib.layer_mask(cfg.n_layers, 0)[:, None, None, None]
+                                        .astype(emb.dtype) * add[None])}
+    pos1 = jnp.arange(T - Tt - 1, T - 1)[None]
+    logits = model_lib.forward(p, toks, cfg, edit=e, logits_positions=pos1).logits
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), toks[:, T - Tt:, None], -1).mean()
+    return nll
+
+  gcg_grad = jax.jit(jax.grad(token_grad, argnums=2))
+  toks1 = sharding.replicate(np.asarray(batch.tokens[:1]), mesh)
+  onehot = jax.nn.one_hot(toks1[0, s0:s0 + n], cfg.vocab_size, dtype=jnp.float32)
+  cands = np.repeat(np.asarray(batch.tokens[:1]), W, 0)
+  cands[np.arange(W), s0 + rng.integers(0, n, W)] = rng.integers(3, cfg.vocab_size, W)
+  cpos = np.broadcast_to(np.arange(T - Tt - 1, T - 1), (W, Tt)).astype(np.int32)
+  c = sharding.shard_rows(dict(t=cands, m=np.ones_like(cands), p=cpos, l=cands[:, T - Tt:],
+                               w=np.ones((W, Tt), np.int32)), mesh)
+
+  def gcg_step():
+    g = gcg_grad(params, toks1, onehot)
+    losses = sharding._candidate_losses(params, cfg, c["t"], c["m"], c["p"], c["l"], c["w"])
+    return g, losses
+
+  flops = 2 * forward_flops(cfg, 1, T, Tt) + forward_flops(cfg, W, T, Tt)
+  return f"gcg(w={W})", gcg_step, flops, (W + 1) * T
+
+
+def _lora(params, cfg, mesh, rules, rng, opts, dtype, B, T):
+  """One LoRA train step (rank opts.lora_rank, remat, AdamW) on [B, T]."""
+  opt = training.make_optimizer(1e-4)
+  state0 = training.init_state(lora_lib.init(jax.random.key(1), cfg, opts.lora_rank, 2 * opts.lora_rank), opt)
+  sh = sharding.state_shardings(state0, cfg, mesh, rules)
+  st = [sharding.place_state(state0, sh)]
+  step = sharding.make_train_step(cfg, opt, mesh, sh, params, compute_dtype=dtype, remat=True)
+  toks = rng.integers(3, cfg.vocab_size, (1, B, T)).astype(np.int32)
+  tb = training.Batch(tokens=toks, targets=np.roll(toks, -1, -1), loss_mask=np.ones((1, B, T), np.float32),
+                      segment_ids=np.ones((1, B, T), np.int32), positions=np.broadcast_to(np.arange(T), (1, B, T)))
+  tb = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tb, sharding.batch_shardings(mesh))
+
+  def lora_step():
+    st[0], m = step(st[0], tb)
+    return m["loss"]
+
+  return "lora_train", lora_step, 2 * forward_flops(cfg, B, T, T), B * T
+
+
 def run(opts: Opts, mesh=None) -> list[dict]:
   """Runs the workloads; returns one row per workload: seconds, tokens/s, model TFLOP/s and MFU."""
   cfg = MODELS[opts.model]
@@ -160,69 +229,12 @@ def run(opts: Opts, mesh=None) -> list[dict]:
   if "forward" in opts.workloads:
     fwd = jax.jit(lambda p, t, m: model_lib.forward(p, t, cfg, attention_mask=m, logits_positions=pos).logits)
     record("forward", lambda: fwd(params, sb.tokens, sb.mask), forward_flops(cfg, B, T, Tt), B * T)
-
   if "pgd" in opts.workloads:
-    acfg = lvs_attack.AttackConfig()
-
-    @jax.jit
-    def pgd_step(p, b, delta):
-      ctx = model_lib.context(b.mask, cfg)
-      h0 = model_lib.embed(p, b.tokens)
-      loss = lambda d: lvs_attack.attack_loss(p, cfg, ctx, b, ids, h0, jnp.int32(0), d, acfg).sum()  # noqa: E731
-      return jax.value_and_grad(loss)(delta)
-
-    delta = jax.device_put(jnp.zeros((B, T, cfg.d_model), jnp.float32), sharding.batch_sharding(mesh, 3))
-    record("pgd", lambda: pgd_step(params, sb, delta), 2 * forward_flops(cfg, B, T, Tt), B * T)
-
+    record(*_pgd(params, cfg, sb, ids, mesh, B, T, Tt))
   if "gcg" in opts.workloads:
-    W, n = opts.width, opts.suffix_len
-    s0 = T - Tt - n - 4  # suffix slots, then 4 template tokens, then the target
-
-    @jax.jit
-    def token_grad(p, toks, onehot):
-      # d loss / d one-hot(suffix): the embedding swap enters as an edit at resid_pre of layer 0.
-      emb = onehot.astype(p.embed.dtype) @ p.embed - p.embed[toks[0, s0:s0 + n]]
-      add = jnp.zeros((1, T, cfg.d_model), emb.dtype).at[0, s0:s0 + n].set(emb)
-      e = {"resid_pre": edit_lib.SiteEdit(add=edit_lib.layer_mask(cfg.n_layers, 0)[:, None, None, None]
-                                          .astype(emb.dtype) * add[None])}
-      pos1 = jnp.arange(T - Tt - 1, T - 1)[None]
-      logits = model_lib.forward(p, toks, cfg, edit=e, logits_positions=pos1).logits
-      nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), toks[:, T - Tt:, None], -1).mean()
-      return nll
-
-    gcg_grad = jax.jit(jax.grad(token_grad, argnums=2))
-    toks1 = sharding.replicate(np.asarray(batch.tokens[:1]), mesh)
-    onehot = jax.nn.one_hot(toks1[0, s0:s0 + n], cfg.vocab_size, dtype=jnp.float32)
-    cands = np.repeat(np.asarray(batch.tokens[:1]), W, 0)
-    cands[np.arange(W), s0 + rng.integers(0, n, W)] = rng.integers(3, cfg.vocab_size, W)
-    cpos = np.broadcast_to(np.arange(T - Tt - 1, T - 1), (W, Tt)).astype(np.int32)
-    c = sharding.shard_rows(dict(t=cands, m=np.ones_like(cands), p=cpos, l=cands[:, T - Tt:],
-                                 w=np.ones((W, Tt), np.int32)), mesh)
-
-    def gcg_step():
-      g = gcg_grad(params, toks1, onehot)
-      losses = sharding._candidate_losses(params, cfg, c["t"], c["m"], c["p"], c["l"], c["w"])
-      return g, losses
-
-    flops = 2 * forward_flops(cfg, 1, T, Tt) + forward_flops(cfg, W, T, Tt)
-    record(f"gcg(w={W})", gcg_step, flops, (W + 1) * T)
-
+    record(*_gcg(params, cfg, batch, mesh, rng, opts, T, Tt))
   if "lora" in opts.workloads:
-    opt = training.make_optimizer(1e-4)
-    state0 = training.init_state(lora_lib.init(jax.random.key(1), cfg, opts.lora_rank, 2 * opts.lora_rank), opt)
-    sh = sharding.state_shardings(state0, cfg, mesh, rules)
-    st = [sharding.place_state(state0, sh)]
-    step = sharding.make_train_step(cfg, opt, mesh, sh, params, compute_dtype=dtype, remat=True)
-    toks = rng.integers(3, cfg.vocab_size, (1, B, T)).astype(np.int32)
-    tb = training.Batch(tokens=toks, targets=np.roll(toks, -1, -1), loss_mask=np.ones((1, B, T), np.float32),
-                        segment_ids=np.ones((1, B, T), np.int32), positions=np.broadcast_to(np.arange(T), (1, B, T)))
-    tb = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tb, sharding.batch_shardings(mesh))
-
-    def lora_step():
-      st[0], m = step(st[0], tb)
-      return m["loss"]
-
-    record("lora_train", lora_step, 2 * forward_flops(cfg, B, T, T), B * T)
+    record(*_lora(params, cfg, mesh, rules, rng, opts, dtype, B, T))
 
   by = {r["workload"]: r for r in rows}
   if "pgd" in by and "lora_train" in by:
