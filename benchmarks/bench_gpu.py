@@ -63,6 +63,10 @@ MODELS = {
   # The MaxText anchor's shape (https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json).
   "llama-2-7b": ModelConfig(arch="llama", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                             head_dim=128, d_ff=11008, rms_eps=1e-5, max_position=4096),
+  # The shipped default (SmolLM2-135M-Instruct's GGUF metadata), for CPU rows on the same script.
+  "smollm2-135m": ModelConfig(arch="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                              head_dim=64, d_ff=1536, rms_eps=1e-5, rope_theta=1e5, tie_embeddings=True,
+                              max_position=8192),
   "smoke": ModelConfig(arch="llama", vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
                        d_ff=256, max_position=256),
 }
