@@ -1,0 +1,93 @@
+r"""R2D2 adversarial fine-tuning (HarmBench) and its matched SFT baseline, from one start.
+
+CPU (SmolLM2-135M-Instruct, LoRA; two trajectories, checkpoints every 10 steps to 50, all kept):
+  python experiments/train_r2d2.py --config=experiments/configs/r2d2.py --workdir=/tmp/r2d2
+  python experiments/train_r2d2.py --config=experiments/configs/r2d2.py:sft --workdir=/tmp/r2d2_sft
+Each checkpoint is a model: `registry.load_model("/tmp/r2d2@30")` (and --config.model=/tmp/r2d2@30 in
+every experiment).
+
+GPU recipe, Mistral-7B-v0.1 with HarmBench's settings (bf16, full fine-tuning; HF directory given):
+  python -m lvs_jax.core.memory --model=mistral-7b --batch=8 --seq=1024 --width=512 --gcg_prompts=1 --device_gb=141
+  python experiments/train_r2d2.py --config=experiments/configs/r2d2.py:mistral7b --workdir=/runs/r2d2_m7b \
+    --config.model=/path/to/Mistral-7B-v0.1
+  (and ...:mistral7b_sft for the baseline). --config.memory_plan=True prints the plan and exits.
+
+Smoke (the tests): `:smoke` with --config.model=<tiny HF dir>.
+
+HarmBench constants come from centerforaisafety/HarmBench `adversarial_training/adv_training.py`
+(NUM_GCG_STEPS, GCG_SEARCH_WIDTH, GCG_TOPK, NUM_TEST_CASES_TO_UPDATE_PER_STEP, RESET_EVERY, the
+"! " x U[15, 20] suffix init, the refusal "Sorry, I can't do that." + EOS, the loss weights and
+`log_1_minus_p_loss` with threshold -5 in its utils) and its alignment-handbook recipe
+`adversarial_training/alignment-handbook/recipes/` (Zephyr/Mistral-7B SFT: bf16, lr 2e-5, UltraChat);
+we could not re-read those files in this environment, so the values are as issue 13 quotes them.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = "smollm2-135m-instruct"
+  c.dtype = "float32"
+  c.matmul_precision = "auto"
+  c.seed = 0
+  c.adversarial = True  # False: the matched SFT baseline (no inner attack, no away term; refusal on the plain behavior)
+  c.mode = "lora"
+  c.lora = dict(rank=16, alpha=32, modules="q,k,v,o,gate,up,down")
+  c.optim = dict(lr=2e-4, warmup_steps=5, end_fraction=0.1, weight_decay=0.0, clip_norm=1.0)
+  c.num_steps = 50  # the paper's 50/100/250/500 scaled to what a 2-core CPU allows (see checkpoint)
+  c.batch = dict(batch_size=4, micro_batches=1, seq_len=128, packing=True)  # the benign (clean SFT) batch
+  c.compute_dtype = "float32"
+  c.remat = True
+  c.log_every = 5
+  c.checkpoint = dict(save_every=10, keep=0)  # steps 0, 10, ..., 50: the paper's 50/100/250/500 proportionally
+  c.memory_plan = False  # print `lvs_jax.core.memory`'s plan for this config and exit
+  c.r2d2 = dict(
+    gcg_steps=1,  # HarmBench NUM_GCG_STEPS = 5 (CPU: 1)
+    search_width=32,  # HarmBench GCG_SEARCH_WIDTH = 512 (CPU: 32)
+    topk=64,  # HarmBench GCG_TOPK = 256 (CPU: 64)
+    cases_per_step=2,  # HarmBench NUM_TEST_CASES_TO_UPDATE_PER_STEP = 8 (CPU: 2)
+    pool_size=40,  # test cases in the pool (our choice for the CPU run; HarmBench's is larger)
+    reset_every=50,  # HarmBench RESET_EVERY = 50
+    reset_fraction=0.2,  # HarmBench: 20% of the pool replaced at each reset
+    suffix_bangs=(15, 20),  # HarmBench: suffix init "! " x U[15, 20]
+    max_suffix=48,  # suffix token slots stored per pool entry (checkpoint shape)
+    message="{behavior} {optim_str}",  # HarmBench GCG: behavior, a space, the suffix
+    refusal="Sorry, I can't do that.",  # HarmBench toward target (+ EOS)
+    sft_weight=1.0, away_weight=0.5, toward_weight=0.5,  # HarmBench loss weights
+    away_threshold=-5.0,  # HarmBench log_1_minus_p_loss: tokens with log p < -5 contribute 0
+    allow_non_ascii=False, filter_ids=True,
+    chunk=32,  # candidates per compiled chunk of the candidate-loss pass
+    pad_multiple=32,  # prompt / row lengths rounded up to this (few compiled shapes)
+    ema_decay=0.9,  # EMA of the logged losses
+  )
+  # Training behaviors: AdvBench (goal, target) pairs; held-out sets never overlap them.
+  c.data = dict(pairs="advbench", n_pairs=0,
+                benign="harmless_train", n_benign=256, completion_tokens=64, gen_batch_size=16, retries=2)
+  c.held_out = ("harmful_val", "harmless_val", "xstest")
+  if arg in ("sft", "smoke_sft", "mistral7b_sft"):
+    c.adversarial = False
+    arg = {"sft": "", "smoke_sft": "smoke", "mistral7b_sft": "mistral7b"}[arg]
+  if arg == "smoke":
+    c.num_steps = 4
+    c.batch = dict(batch_size=2, micro_batches=1, seq_len=96, packing=True)
+    c.checkpoint.save_every = 2
+    c.log_every = 1
+    c.r2d2.update(gcg_steps=1, search_width=8, topk=8, cases_per_step=2, pool_size=5, reset_every=2, chunk=8,
+                  suffix_bangs=(2, 3), max_suffix=8)
+    c.data.update(n_pairs=8, n_benign=4, completion_tokens=8, gen_batch_size=4, retries=0)
+  elif arg == "mistral7b":
+    c.model = ""  # --config.model=/path/to/Mistral-7B-v0.1 (HF directory)
+    c.dtype = "bfloat16"
+    c.compute_dtype = "bfloat16"
+    c.mode = "full"  # HarmBench R2D2 fine-tunes all weights
+    c.optim = dict(lr=2e-5, warmup_steps=10, end_fraction=0.1, weight_decay=0.0, clip_norm=1.0)  # handbook lr
+    c.num_steps = 500
+    c.batch = dict(batch_size=8, micro_batches=1, seq_len=1024, packing=True)
+    c.checkpoint.save_every = 50  # includes the paper's 50/100/250/500
+    c.r2d2.update(gcg_steps=5, search_width=512, topk=256, cases_per_step=8, pool_size=400, chunk=128)
+    c.data.update(n_benign=4000, completion_tokens=256)
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}; expected '', 'sft', 'smoke', 'smoke_sft', 'mistral7b' "
+                     "or 'mistral7b_sft'")
+  return c
