@@ -134,7 +134,7 @@ def bench_pgd(m, tm, ps, ids) -> tuple:
   import torch
 
   pb = sweeps.make_batch(m.tokenizer, list(ps)[: FLAGS.pgd_prompts], ps.targets[: FLAGS.pgd_prompts])
-  acfg = lvs.AttackConfig(steps=FLAGS.pgd_steps, success_loss=-1e9, random_start=False)  # no early stop
+  acfg = lvs.AttackConfig(steps=FLAGS.pgd_steps, success_loss=-1e9, stop="loss", random_start=False)  # no early stop
   eps, layer = 0.2, FLAGS.pgd_layer
   t0 = time.perf_counter()
   pgd = lvs.pgd_attack.lower(m.params, m.cfg, pb, ids, layer, eps, jax.random.key(0), acfg).compile()

@@ -8,6 +8,7 @@ import pytest
 from helpers import tiny
 
 from lvs_jax.core import edit as edit_lib
+from lvs_jax.core import generate as gen
 from lvs_jax.core import model as model_lib
 from lvs_jax.lvs import attack as lvs
 from lvs_jax.lvs import sweeps
@@ -103,7 +104,8 @@ def test_delta_edit_stores_one_layer_and_equals_the_full_edit():
 def test_attack_delta_stays_inside_the_ball(norm, scope, relative):
   cfg, params = tiny("llama")
   batch = _batch(cfg)
-  acfg = lvs.AttackConfig(norm=norm, scope=scope, relative=relative, steps=4, step_size=0.6, success_loss=-1.0)
+  acfg = lvs.AttackConfig(norm=norm, scope=scope, relative=relative, steps=4, step_size=0.6, success_loss=-1.0,
+                          stop="loss")
   eps = 0.3 if relative else 2.0
   r = lvs.pgd_attack(params, cfg, batch, IDS, 1, eps, jax.random.key(0), acfg)
   resid, _ = sweeps.clean_pass(params, cfg, batch, IDS)
@@ -182,10 +184,39 @@ def test_planted_easy_direction_is_found():
   lp = np.asarray(res["target_logprob"][0, :, 0])  # [nM, B]
   assert np.all(np.diff(lp, axis=0) > 0), lp
   # RMSNorm bounds how far one direction can push the logit: NLL saturates near 0.24 on this model.
-  acfg = lvs.AttackConfig(steps=40, step_size=0.2, success_loss=0.3)
+  acfg = lvs.AttackConfig(steps=40, step_size=0.2, success_loss=0.3, stop="loss")
   r = lvs.pgd_attack(params, cfg, batch, IDS, cfg.n_layers - 1, 3.0, jax.random.key(0), acfg)
   assert bool(r.loss_success.all()), r.final_loss
   assert float(r.final_loss.max()) < 0.3 and float(-lp[0].min()) > 3.0  # clean target NLL is > 3 nats
+
+
+def _greedy_emits_target(params, cfg, batch, layer, delta) -> np.ndarray:
+  """[B] bool: greedy decoding of the prompts with delta added at `layer` (prompt slots only, as the
+  LVS audit generates) begins with the batch's target tokens (its real ones)."""
+  tp, tt = batch.n_prompt, batch.tokens.shape[1] - batch.n_prompt
+  e = lvs.delta_edit(cfg.n_layers, layer, delta[:, :tp], tp + tt)
+  out, _ = gen.generate_tokens(params, batch.tokens[:, :tp], batch.mask[:, :tp], cfg, max_new_tokens=tt,
+                               eos_ids=(), edit=e)
+  tm = np.asarray(batch.target_mask, bool)
+  return np.all((np.asarray(out)[:, -tt:] == np.asarray(batch.tokens)[:, tp:]) | ~tm, axis=1)
+
+
+def test_greedy_stopping_rule_agrees_with_greedy_decoding_where_the_loss_rule_does_not():
+  """stop="greedy" stops a prompt iff greedy decoding under the returned delta emits its target; the
+  old loss threshold can stop a prompt whose decoding does not (here: a loose threshold stops all)."""
+  cfg, params = tiny("llama")
+  batch = _batch(cfg, seed=4, B=6, tt=2)
+  layer = cfg.n_layers - 1
+  loose = lvs.pgd_attack(params, cfg, batch, IDS, layer, 0.5, jax.random.key(0),
+                         lvs.AttackConfig(steps=4, success_loss=50.0, stop="loss"))
+  emits = _greedy_emits_target(params, cfg, batch, layer, loose.delta)
+  assert bool(np.all(loose.loss_success)) and not emits.all(), emits  # stopped, yet not broken
+  for eps in (0.5, 4.0):
+    r = lvs.pgd_attack(params, cfg, batch, IDS, layer, eps, jax.random.key(0),
+                       lvs.AttackConfig(steps=30, step_size=0.2, stop="greedy"))
+    emits = _greedy_emits_target(params, cfg, batch, layer, r.delta)
+    np.testing.assert_array_equal(np.asarray(r.loss_success), emits)
+  assert emits.any(), "the large radius should break some prompt on this planted-free tiny model"
 
 
 def test_pgd_grid_equals_single_attacks():

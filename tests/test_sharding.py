@@ -100,7 +100,7 @@ def test_sharded_sweep_equals_single_device():
 def test_sharded_pgd_grid_equals_single_device():
   cfg, params = tiny("llama")
   batch = _sweep_batch(cfg)
-  acfg = lvs_attack.AttackConfig(steps=2, success_loss=-1.0)
+  acfg = lvs_attack.AttackConfig(steps=2, success_loss=-1.0, stop="loss")
   layers, radii, key = np.array([1]), np.array([0.1, 0.5]), jax.random.key(3)
   ref = lvs_attack.pgd_grid(params, cfg, batch, jnp.asarray(IDS), jnp.asarray(layers), jnp.asarray(radii), key, acfg)
   mesh = _mesh4()

@@ -45,7 +45,9 @@ def section_config() -> ml_collections.ConfigDict:
   c.optimizer = "sign"
   c.loss = "target"
   c.random_start = False
-  c.success_loss = 0.5  # early stop when target NLL/token < this
+  c.stop = "greedy"  # stop a prompt when greedy decoding under delta emits the target (lvs_jax.lvs.attack)
+  c.stop_tokens = 0  # ... its first n tokens (0 = all)
+  c.success_loss = 0.5  # only for stop="loss": stop when target NLL/token < this
   return c
 
 

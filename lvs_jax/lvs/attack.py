@@ -20,9 +20,18 @@ continuation (loss="target", e.g. AdvBench's "Sure, here is ...") or the logit r
 (loss="refusal"). Steps: "sign" (L-inf: signed gradient; L2: gradient normalized in the ball's
 norm), step size `step_size * eps` in u-units; or "adam" (optax) with learning rate
 `step_size * eps`. Random start (a random point inside the ball) or zero start. A prompt
-stops updating once its loss passes `success_loss` (early stop); the loop ends when every prompt
-has. The whole attack is jitted (`lax.while_loop`), batched over prompts, and `lvs_grid` maps it
+stops updating once it meets the stopping rule; the loop ends when every prompt has. The whole
+attack is jitted (`lax.while_loop`), batched over prompts, and `lvs_grid` maps it
 over layers (sequential `lax.map`, so layers below l are really skipped) and vmaps it over radii.
+
+**Stopping rule** (`stop`). "greedy" (the default): a prompt stops only when greedy decoding under
+the current delta would emit the target, read off the teacher-forced logits (every real target token,
+or the first `stop_tokens`, is the argmax given the ones before it; for loss="refusal": the first
+token is not a refusal token). This is exact, not a proxy: generation adds the same delta at the same
+prompt positions and leaves generated tokens unperturbed, as the teacher-forced pass does. "loss"
+(the old rule): target NLL/token below `success_loss`. The old rule disagreed with success: on the
+anchor with per-prompt AdvBench targets it stopped 33 of 33 prompts at layer 14, eps 0.04, while
+greedy decoding still refused 19 of them (a low mean NLL with one wrong token is still a refusal).
 
 **Success** is decided by behavior, not by the loss: greedy generation under the found delta (the
 same delta at the same prompt positions; generated tokens unperturbed) judged *not a refusal* by
@@ -82,6 +91,7 @@ from lvs_jax.lvs import sweeps
 
 NORMS = ("l2", "linf")
 SCOPES = ("token", "sequence")
+STOPS = ("greedy", "loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +106,15 @@ class AttackConfig:
   optimizer: str = "sign"  # "sign" | "adam"
   loss: str = "target"  # "target" | "refusal"
   random_start: bool = True
-  success_loss: float = 0.5  # early stop: target NLL/token below this (or refusal score below 0 - this)
+  success_loss: float = 0.5  # stop="loss": target NLL/token below this (or refusal score below 0 - this)
+  stop: str = "greedy"  # "greedy" | "loss" (see module docstring, "Stopping rule")
+  stop_tokens: int = 0  # stop="greedy", loss="target": the first n target tokens must be greedy (0 = all)
 
   def __post_init__(self):
     if self.norm not in NORMS or self.scope not in SCOPES:
       raise ValueError(f"norm must be in {NORMS} and scope in {SCOPES}, got {self.norm!r}, {self.scope!r}")
+    if self.stop not in STOPS or self.stop_tokens < 0:
+      raise ValueError(f"stop must be in {STOPS} and stop_tokens >= 0, got {self.stop!r}, {self.stop_tokens}")
     if self.optimizer not in ("sign", "adam") or self.loss not in ("target", "refusal"):
       raise ValueError(f"optimizer must be sign|adam and loss target|refusal, got {self.optimizer}, {self.loss}")
 
@@ -167,24 +181,48 @@ jax.tree_util.register_dataclass(AttackResult, data_fields=["delta", "losses", "
                                  meta_fields=[])
 
 
-def attack_loss(params, cfg, ctx, batch, refusal_ids, hl, layer, delta, acfg):
-  """Per-prompt loss [B] of the perturbed residual hl + delta entering `layer`."""
+def greedy_reached(logits: jax.Array, batch: sweeps.SweepBatch, refusal_ids: jax.Array, acfg: AttackConfig):
+  """[B] bool from the teacher-forced logits [B, Tt, V] at the readout positions: greedy decoding from
+  this state would emit the target's first `acfg.stop_tokens` tokens (all real target tokens if 0), i.e.
+  each is the argmax given the ones before it (loss="target"); or its first token is not a refusal
+  token (loss="refusal")."""
+  top = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, Tt]
+  if acfg.loss == "refusal":
+    return ~jnp.any(top[:, :1] == jnp.asarray(refusal_ids, jnp.int32)[None, :], axis=-1)
+  targets = jax.lax.dynamic_slice_in_dim(batch.tokens, batch.n_prompt, logits.shape[1], axis=1)
+  need = batch.target_mask.astype(bool)
+  if acfg.stop_tokens:
+    need = need & (jnp.arange(logits.shape[1]) < acfg.stop_tokens)[None, :]
+  return jnp.all((top == targets.astype(jnp.int32)) | ~need, axis=-1)
+
+
+def attack_metrics(params, cfg, ctx, batch, refusal_ids, hl, layer, delta, acfg):
+  """(loss [B], stop [B] bool) of the perturbed residual hl + delta entering `layer`: the attack's
+  per-prompt loss and whether the stopping rule (`acfg.stop`) is met there."""
   h = sweeps.run_from_layer(params, cfg, ctx, hl + delta.astype(hl.dtype), layer)
   logits = model_lib.unembed(params, h, cfg, sweeps.readout_positions(batch))
   met = sweeps.metrics_from_logits(logits, batch, refusal_ids)
-  return met["target_nll_per_token"] if acfg.loss == "target" else met["refusal_score"]
+  loss = met["target_nll_per_token"] if acfg.loss == "target" else met["refusal_score"]
+  if acfg.stop == "greedy":
+    return loss, greedy_reached(logits, batch, refusal_ids, acfg)
+  threshold = acfg.success_loss if acfg.loss == "target" else -acfg.success_loss
+  return loss, loss < threshold
+
+
+def attack_loss(params, cfg, ctx, batch, refusal_ids, hl, layer, delta, acfg):
+  """Per-prompt loss [B] of the perturbed residual hl + delta entering `layer`."""
+  return attack_metrics(params, cfg, ctx, batch, refusal_ids, hl, layer, delta, acfg)[0]
 
 
 def _attack_one(params, cfg, ctx, batch, refusal_ids, hl, layer, eps, key, acfg: AttackConfig) -> AttackResult:
   """PGD at one layer and radius, from the clean residual hl [B, T, D] entering it."""
   where = batch.prompt_mask.astype(jnp.float32)
   s = ball_scale(hl, where, acfg)
-  threshold = acfg.success_loss if acfg.loss == "target" else -acfg.success_loss
   u0 = _random_start(key, hl.shape, eps, where, acfg) if acfg.random_start else jnp.zeros(hl.shape, jnp.float32)
 
   def loss_fn(u):
-    per = attack_loss(params, cfg, ctx, batch, refusal_ids, hl, layer, u * s, acfg)
-    return per.sum(), per
+    per, stop = attack_metrics(params, cfg, ctx, batch, refusal_ids, hl, layer, u * s, acfg)
+    return per.sum(), (per, stop)
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
   opt = optax.adam(acfg.step_size * eps) if acfg.optimizer == "adam" else None
@@ -199,12 +237,14 @@ def _attack_one(params, cfg, ctx, batch, refusal_ids, hl, layer, eps, key, acfg:
 
   def body(st):
     i, u, ost, losses, done, best, best_u = st
-    g, per = grad_fn(u)
+    g, (per, stop) = grad_fn(u)
     losses = losses.at[i].set(jnp.where(done, jnp.nan, per))
-    improved = per < best
-    best_u = jnp.where(improved[:, None, None], u, best_u)
-    best = jnp.minimum(best, per)
-    done = done | (per < threshold)
+    # A prompt that meets the stopping rule keeps the delta that met it (not an earlier lower loss).
+    newly = stop & ~done
+    keep = (per < best) | newly
+    best_u = jnp.where(keep[:, None, None], u, best_u)
+    best = jnp.where(keep, per, best)
+    done = done | stop
     if opt is None:
       step = acfg.step_size * eps * _ascent_direction(g, acfg)
       new_u = u - step

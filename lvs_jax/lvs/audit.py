@@ -50,7 +50,7 @@ def pgd_cell_key(model_key: dict, prompts, targets, cfg, layer: int, radius: flo
   """What decides one PGD cell (`io.keys`, kind "pgd_cell"): the model (`keys.model_parts`), prompts,
   targets, the cell, every attack setting, the generation that judges success and the judge."""
   attack = {k: cfg[k] for k in ("norm", "scope", "steps", "step_size", "optimizer", "loss", "random_start",
-                                "success_loss", "seed", "batch_size")}
+                                "success_loss", "stop", "stop_tokens", "seed", "batch_size")}
   return dict(model=model_key, prompts=list(prompts), targets=list(targets),
               config=dict(layer=int(layer), radius=float(radius), attack=attack, max_new_tokens=cfg.max_new_tokens,
                           judge_prefixes=cfg.judge_prefixes))
@@ -87,7 +87,7 @@ def run_cells(model, prompts, targets, cfg, cell_dir: str, mesh=None, params=Non
   ids = jnp.asarray(judges.refusal_token_ids(model.tokenizer))
   acfg = lvs.AttackConfig(norm=cfg.norm, scope=cfg.scope, relative=True, steps=cfg.steps, step_size=cfg.step_size,
                           optimizer=cfg.optimizer, loss=cfg.loss, random_start=cfg.random_start,
-                          success_loss=cfg.success_loss)
+                          success_loss=cfg.success_loss, stop=cfg.stop, stop_tokens=cfg.stop_tokens)
   batches = [(pr[:n], sweeps.make_batch(model.tokenizer, [prompts[i] for i in pr], [targets[i] for i in pr]))
              for pr, n in batching.pad_batches(range(len(prompts)), cfg.batch_size)]
   cells, model_key = {}, keys.model_parts(model)
