@@ -26,6 +26,7 @@ def section_config() -> ml_collections.ConfigDict:
   c.only_refused = True  # attack only prompts refused without attack (a complying model has nothing to break)
   # Target continuation: the file's own targets (AdvBench) when it has them, else this prefix.
   c.target = "Sure, here is"
+  c.target_source = "file"  # "file": the set's own targets when it has them; "fixed": c.target for all
   c.judge_prefixes = "jailbreakbench"
   c.max_new_tokens = 32  # generation that decides success
   c.batch_size = 16

@@ -31,13 +31,19 @@ from lvs_jax.report import store as report_lib
 
 
 def load_targets(cfg):
-  """(prompts, targets) for the attacked set: the file's targets (AdvBench) or cfg.target for all."""
+  """(prompts, targets) for the attacked set: the file's own targets (AdvBench) when it has them and
+  cfg.target_source is "file", else cfg.target for every prompt (target_source "fixed"). LVS depends
+  on this choice (a per-prompt target is a harder objective than a short fixed opening): the section
+  says which one it used."""
   from lvs_jax.io import datasets as data
 
+  if cfg.get("target_source", "file") not in ("file", "fixed"):
+    raise ValueError(f"lvs.target_source must be 'file' or 'fixed', got {cfg.target_source!r}")
   ps = data.load_prompts(cfg.prompts)
   if cfg.n_prompts:
     ps = ps[: cfg.n_prompts]
-  return list(ps), list(ps.targets or [cfg.target] * len(ps))
+  own = ps.targets if cfg.get("target_source", "file") == "file" else None
+  return list(ps), list(own or [cfg.target] * len(ps))
 
 
 def sweep_key(model, prompts, targets, cfg) -> dict:
