@@ -249,3 +249,21 @@ def test_lvs_statistics():
   assert val[1] == lo[1] == hi[1] == 0.0
   with pytest.raises(ValueError, match="radii must increase"):
     lvs.breaking_radius(success, radii[::-1])
+
+
+def test_target_source_picks_the_sets_own_targets_or_the_fixed_opening():
+  import ml_collections
+
+  from lvs_jax.lvs import audit as lvs_audit
+
+  c = ml_collections.ConfigDict(dict(prompts="advbench", n_prompts=3, target="Sure, here is", target_source="file"))
+  prompts, own = lvs_audit.load_targets(c)
+  assert len(prompts) == 3 and own[0].startswith("Sure, here is a script") and len(set(own)) == 3
+  c.target_source = "fixed"
+  assert lvs_audit.load_targets(c) == (prompts, ["Sure, here is"] * 3)
+  c.prompts = "harmful_val"  # no targets of its own: the fixed opening either way
+  c.target_source = "file"
+  assert lvs_audit.load_targets(c)[1] == ["Sure, here is"] * 3
+  c.target_source = "own"
+  with pytest.raises(ValueError, match="target_source"):
+    lvs_audit.load_targets(c)
