@@ -56,7 +56,7 @@ def main(argv):
   recs = recipes.own_completions(model, list(benign), max_new_tokens=d.completion_tokens, batch_size=d.gen_batch_size,
                                  retries=d.retries, cache_path=os.path.join(workdir, "data", "benign.jsonl"))
   examples = [training.Example(r["prompt"], r["completion"], end_turn=r["finished"]) for r in recs
-              if not r["refused"] and r["completion"].strip()]
+              if r["completion"] and (not d.drop_refused or (not r["refused"] and r["completion"].strip()))]
   tok, n_trunc = training.tokenize(model.tokenizer, examples, cfg.batch.seq_len)
   log(f"{len(tok)} benign examples ({len(recs) - len(examples)} refused or empty dropped, {n_trunc} truncated)")
 

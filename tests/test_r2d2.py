@@ -204,7 +204,7 @@ def test_train_r2d2_smoke_checkpoints_resume_and_load_model_at_step(tmp_path, ti
   assert m4.name == f"{wd}@4" and m4.tokenizer.format_chat("hi") == base.tokenizer.format_chat("hi")
   np.testing.assert_array_equal(m0.params.layers.wq, base.params.layers.wq)  # step 0: b = 0, the base model
   assert not np.array_equal(np.asarray(m4.params.layers.wq), np.asarray(base.params.layers.wq))
-  with pytest.raises(ValueError, match="no committed step 3|is missing|no such step"):
+  with pytest.raises(ValueError, match=r"no committed step 3 \(committed: \[0, 2, 4\]\)"):
     registry.load_model(f"{wd}@3")
   # The matched SFT baseline: same start and data, no attack (no away term, no suffixes in the pool).
   ws = tmp_path / "sft"

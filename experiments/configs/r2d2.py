@@ -63,19 +63,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   # Training behaviors: AdvBench (goal, target) pairs; held-out sets never overlap them.
   c.data = dict(pairs="advbench", n_pairs=0,
-                benign="harmless_train", n_benign=256, completion_tokens=64, gen_batch_size=16, retries=2)
+                benign="harmless_train", n_benign=256, completion_tokens=64, gen_batch_size=16, retries=2,
+                drop_refused=True)  # benign answers that are refusals or blank are not clean SFT data
   c.held_out = ("harmful_val", "harmless_val", "xstest")
   if arg in ("sft", "smoke_sft", "mistral7b_sft"):
     c.adversarial = False
     arg = {"sft": "", "smoke_sft": "smoke", "mistral7b_sft": "mistral7b"}[arg]
   if arg == "smoke":
     c.num_steps = 4
-    c.batch = dict(batch_size=2, micro_batches=1, seq_len=96, packing=True)
+    c.batch = dict(batch_size=2, micro_batches=1, seq_len=256, packing=True)  # the tiny BPE spends many tokens
     c.checkpoint.save_every = 2
     c.log_every = 1
     c.r2d2.update(gcg_steps=1, search_width=8, topk=8, cases_per_step=2, pool_size=5, reset_every=2, chunk=8,
                   suffix_bangs=(2, 3), max_suffix=8)
-    c.data.update(n_pairs=8, n_benign=4, completion_tokens=8, gen_batch_size=4, retries=0)
+    c.data.update(n_pairs=8, n_benign=4, completion_tokens=8, gen_batch_size=4, retries=0,
+                  drop_refused=False)  # a random tiny model answers blanks or refusal phrases
   elif arg == "mistral7b":
     c.model = ""  # --config.model=/path/to/Mistral-7B-v0.1 (HF directory)
     c.dtype = "bfloat16"

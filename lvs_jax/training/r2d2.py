@@ -373,10 +373,11 @@ class Trainer:
     s = int(state.step)
     pool = self.maybe_reset(state.pool, s)
     which = self.select(s)
-    t0 = time.perf_counter()
+    t_gcg = 0.0
     if self.adversarial and self.r.gcg_steps > 0:
+      t0 = time.perf_counter()
       pool = self.attack(self._merge(state.train.params, self.model.params), pool, which, s)
-    t_gcg = time.perf_counter() - t0
+      t_gcg = time.perf_counter() - t0
     train, metrics = step_fn(state.train, self.step_batch(pool, which, s))
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics["gcg_seconds"] = t_gcg
