@@ -75,8 +75,36 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
   )
 
 
+def training_run(name: str | os.PathLike) -> tuple[str, int] | None:
+  """(checkpoints dir, step) when `name` is "<workdir>@<step>" of a training run (train_sft, harmful_finetune,
+  train_r2d2: a workdir holding checkpoints/<step>), else None."""
+  s = os.fspath(name)
+  head, sep, tail = s.rpartition("@")
+  if not sep or not tail.isdigit() or not os.path.isdir(os.path.join(head, "checkpoints")):
+    return None
+  return os.path.join(head, "checkpoints"), int(tail)
+
+
+def _load_run_step(ckdir: str, step: int, dtype=jnp.float32, **kwargs) -> LoadedModel:
+  """The base model named in the run's saved config, with the (LoRA-merged) weights of `step`."""
+  import dataclasses
+
+  from lvs_jax.io import checkpoints
+  from lvs_jax.training import recipes
+
+  steps = checkpoints.committed_steps(ckdir)
+  if step not in steps:
+    raise ValueError(f"{ckdir}: no committed step {step} (committed: {steps})")
+  meta = checkpoints.read_metadata(ckdir, step)
+  base = load_model(meta["config"]["model"], dtype=dtype, **kwargs)
+  loaded = dataclasses.replace(base, params=recipes.checkpoint_params(ckdir, step, base))
+  loaded.name = f"{os.path.dirname(ckdir)}@{step}"
+  return loaded
+
+
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float32, **kwargs) -> LoadedModel:
-  """Loads a model by registered name, `.gguf` path (load_gguf) or HF directory (load_hf_dir).
+  """Loads a model by registered name, `.gguf` path (load_gguf), HF directory (load_hf_dir) or training
+  checkpoint "<workdir>@<step>" (`training_run`: the run's base model with that step's merged weights).
 
   kwargs go to the loader: tokenizer=False; host=True (weights as host numpy, no device copy);
   mesh=<jax.sharding.Mesh>, rules=<a `lvs_jax.core.sharding` table> (weights read to host and placed
@@ -85,6 +113,9 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype=jnp.float3
   from lvs_jax.io import gguf as gguf_io
   from lvs_jax.io import hf as hf_io
 
+  run = training_run(name_or_path)
+  if run is not None:
+    return _load_run_step(*run, dtype=dtype, **kwargs)
   path, name = resolve(name_or_path)
   if path.lower().endswith(".gguf"):
     loaded = gguf_io.load_gguf(path, dtype, **kwargs)

@@ -226,8 +226,14 @@ def checkpoint_params(checkpoint_dir: str, step: int, model: LoadedModel):
   """
   import ml_collections
 
-  cfg = ml_collections.ConfigDict(checkpoints.read_metadata(checkpoint_dir, step)["config"])
+  meta = checkpoints.read_metadata(checkpoint_dir, step)
+  cfg = ml_collections.ConfigDict(meta["config"])
   ck = checkpoints.Checkpointer(checkpoint_dir, read_only=True)
+  if meta.get("kind") == "r2d2":  # an R2D2 / matched-SFT run: the state also holds the test-case pool
+    from lvs_jax.training import r2d2
+
+    state, _ = ck.restore(step, r2d2.abstract_state(model, cfg))
+    return training.model_params(state.train.params, model.params)
   state, _ = ck.restore(step, abstract_state(model, cfg))
   return training.model_params(state.params, model.params)
 
