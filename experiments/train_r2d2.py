@@ -20,12 +20,14 @@ cli.define_flags("Training config file.")
 
 
 def memory_plan(cfg) -> int:
+  """`lvs_jax.core.memory`'s plan of this config for model cfg.memory_plan on one H200 (GCG: one prompt,
+  `chunk` candidates live at once)."""
   from lvs_jax.core import memory
 
   r = cfg.r2d2
-  return memory.main(["--model=mistral-7b", f"--batch={cfg.batch.batch_size}", f"--seq={cfg.batch.seq_len}",
-                      f"--width={r.search_width}", "--gcg_prompts=1", f"--dtype={cfg.compute_dtype}",
-                      *([f"--lora_rank={cfg.lora.rank}"] if cfg.mode == "lora" else []), "--device_gb=141"])
+  return memory.main([f"--model={cfg.memory_plan}", f"--batch={cfg.batch.batch_size}", f"--seq={cfg.batch.seq_len}",
+                      f"--width={r.chunk}", "--gcg_prompts=1", f"--dtype={cfg.compute_dtype}",
+                      f"--lora_rank={cfg.lora.rank}", "--device_gb=141"])
 
 
 def main(argv):

@@ -81,6 +81,33 @@ def test_toward_rows_end_with_eos_and_sft_baseline_has_no_suffix(tiny_chat_model
   assert np.asarray(sb2.toward.tokens[0])[:i0].tolist() == plain  # the same refusal, on the plain behavior
 
 
+def test_inner_gcg_moves_the_selected_suffixes_and_never_recompiles(tiny_chat_model):  # noqa: F811
+  from lvs_jax.attacks import gcg
+
+  tr = _trainer(tiny_chat_model, **{"r2d2.suffix_bangs": (3, 3), "r2d2.gcg_steps": 2})
+  pool = tr.init_pool()
+  params = tr.model.params
+  which = tr.select(0)
+  new = tr.attack(params, pool, which, 0)
+  rest = np.setdiff1d(np.arange(len(pool.uid)), which)
+  assert (new.suffix[rest] == pool.suffix[rest]).all() and not (new.suffix[which] == pool.suffix[which]).all()
+  assert (new.suffix_len == pool.suffix_len).all()
+  # The GCG loss of an updated suffix is below that of the initial one (the attack works on these params).
+  for e in which:
+    lay = tr.layout(int(pool.behavior[e]), int(pool.n_bang[e]))
+    losses = []
+    for suf in (pool.suffix[e], new.suffix[e]):
+      b = gcg.make_batch([lay], tr.tok.pad_id)
+      cache = gcg.prefix_cache(params, tr.model.cfg, b)
+      losses.append(float(gcg.loss_and_grad(params, tr.model.cfg, b, cache,
+                                            jnp.asarray(suf[None, :int(pool.suffix_len[e])]))[0][0]))
+    assert losses[1] <= losses[0] + 1e-6, losses
+  shifted = jax.tree.map(lambda x: x * 1.01, params)  # new weights, same shapes: no new trace
+  traces = dict(gcg.TRACES)
+  tr.attack(shifted, new, tr.select(1), 1)
+  assert gcg.TRACES == traces
+
+
 def test_pool_reset_replaces_exactly_20_percent_at_step_50(tiny_chat_model):  # noqa: F811
   tr = _trainer(tiny_chat_model, **{"r2d2.pool_size": 10, "r2d2.reset_every": 50})
   pool = tr.init_pool()

@@ -1,16 +1,26 @@
 r"""R2D2 adversarial fine-tuning (HarmBench) and its matched SFT baseline, from one start.
 
-CPU (SmolLM2-135M-Instruct, LoRA; two trajectories, checkpoints every 10 steps to 50, all kept):
+CPU (SmolLM2-135M-Instruct, LoRA; two trajectories, checkpoints every 10 steps to 100, all kept; measured
+~14 s/step for R2D2 on 2 CPU cores, so ~25 min per R2D2 run plus ~4 min of benign answers):
   python experiments/train_r2d2.py --config=experiments/configs/r2d2.py --workdir=/tmp/r2d2
   python experiments/train_r2d2.py --config=experiments/configs/r2d2.py:sft --workdir=/tmp/r2d2_sft
 Each checkpoint is a model: `registry.load_model("/tmp/r2d2@30")` (and --config.model=/tmp/r2d2@30 in
 every experiment).
 
-GPU recipe, Mistral-7B-v0.1 with HarmBench's settings (bf16, full fine-tuning; HF directory given):
-  python -m lvs_jax.core.memory --model=mistral-7b --batch=8 --seq=1024 --width=512 --gcg_prompts=1 --device_gb=141
+GPU recipe, Mistral-7B-v0.1 with HarmBench's GCG/pool/loss settings in bf16 (HF directory given), on one
+H200. Its memory plan (`lvs_jax.core.memory`, from `jax.eval_shape`), printed by --config.memory_plan=mistral-7b:
+  python experiments/train_r2d2.py --config=experiments/configs/r2d2.py:mistral7b --workdir=/tmp/plan \
+    --config.memory_plan=mistral-7b
+  (= python -m lvs_jax.core.memory --model=mistral-7b --batch=8 --seq=1024 --width=128 --gcg_prompts=1
+     --dtype=bfloat16 --lora_rank=64 --device_gb=141)
+says LoRA fits one H200 (r2d2 step ~25 GB, GCG ~68 GB in chunks of 128 candidates, plus the 14.5 GB merged
+bf16 copy the inner attack runs on) while full fine-tuning (float32
+master weights + AdamW + grads, ~138 GB) does not; HarmBench fine-tunes all weights on several GPUs, which
+this trainer does not shard yet, so the recipe is LoRA (rank 64). Launch:
   python experiments/train_r2d2.py --config=experiments/configs/r2d2.py:mistral7b --workdir=/runs/r2d2_m7b \
     --config.model=/path/to/Mistral-7B-v0.1
-  (and ...:mistral7b_sft for the baseline). --config.memory_plan=True prints the plan and exits.
+  python experiments/train_r2d2.py --config=experiments/configs/r2d2.py:mistral7b_sft --workdir=/runs/sft_m7b \
+    --config.model=/path/to/Mistral-7B-v0.1
 
 Smoke (the tests): `:smoke` with --config.model=<tiny HF dir>.
 
@@ -35,13 +45,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mode = "lora"
   c.lora = dict(rank=16, alpha=32, modules="q,k,v,o,gate,up,down")
   c.optim = dict(lr=2e-4, warmup_steps=5, end_fraction=0.1, weight_decay=0.0, clip_norm=1.0)
-  c.num_steps = 50  # the paper's 50/100/250/500 scaled to what a 2-core CPU allows (see checkpoint)
+  c.num_steps = 100  # the paper's checkpoints 50/100 (250/500 are beyond a 2-core CPU: ~14 s/step R2D2)
   c.batch = dict(batch_size=4, micro_batches=1, seq_len=128, packing=True)  # the benign (clean SFT) batch
   c.compute_dtype = "float32"
   c.remat = True
   c.log_every = 5
-  c.checkpoint = dict(save_every=10, keep=0)  # steps 0, 10, ..., 50: the paper's 50/100/250/500 proportionally
-  c.memory_plan = False  # print `lvs_jax.core.memory`'s plan for this config and exit
+  c.checkpoint = dict(save_every=10, keep=0)  # steps 0, 10, ..., 100 (incl. the paper's 50 and 100), all kept
+  c.memory_plan = ""  # a `lvs_jax.core.memory` model name (e.g. "mistral-7b"): print this config's plan and exit
   c.r2d2 = dict(
     gcg_steps=1,  # HarmBench NUM_GCG_STEPS = 5 (CPU: 1)
     search_width=32,  # HarmBench GCG_SEARCH_WIDTH = 512 (CPU: 32)
@@ -58,7 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     away_threshold=-5.0,  # HarmBench log_1_minus_p_loss: tokens with log p < -5 contribute 0
     allow_non_ascii=False, filter_ids=True,
     chunk=32,  # candidates per compiled chunk of the candidate-loss pass
-    pad_multiple=32,  # prompt / row lengths rounded up to this (few compiled shapes)
+    prompt_len=96, rest_len=64, row_len=160,  # fixed GCG prefix / suffix+target slots and train-row length:
+    pad_multiple=32,  # one compiled shape each; a longer prompt is rounded up to pad_multiple instead
     ema_decay=0.9,  # EMA of the logged losses
   )
   # Training behaviors: AdvBench (goal, target) pairs; held-out sets never overlap them.
@@ -75,19 +86,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.save_every = 2
     c.log_every = 1
     c.r2d2.update(gcg_steps=1, search_width=8, topk=8, cases_per_step=2, pool_size=5, reset_every=2, chunk=8,
-                  suffix_bangs=(2, 3), max_suffix=8)
+                  suffix_bangs=(2, 3), max_suffix=8, prompt_len=192, rest_len=96, row_len=320)
     c.data.update(n_pairs=8, n_benign=4, completion_tokens=8, gen_batch_size=4, retries=0,
                   drop_refused=False)  # a random tiny model answers blanks or refusal phrases
   elif arg == "mistral7b":
     c.model = ""  # --config.model=/path/to/Mistral-7B-v0.1 (HF directory)
     c.dtype = "bfloat16"
     c.compute_dtype = "bfloat16"
-    c.mode = "full"  # HarmBench R2D2 fine-tunes all weights
-    c.optim = dict(lr=2e-5, warmup_steps=10, end_fraction=0.1, weight_decay=0.0, clip_norm=1.0)  # handbook lr
+    c.mode = "lora"  # HarmBench fine-tunes all weights (multi-GPU); one H200 fits LoRA only (docstring)
+    c.lora = dict(rank=64, alpha=128, modules="q,k,v,o,gate,up,down")
+    c.optim = dict(lr=1e-4, warmup_steps=10, end_fraction=0.1, weight_decay=0.0, clip_norm=1.0)  # handbook: 2e-5 full
     c.num_steps = 500
     c.batch = dict(batch_size=8, micro_batches=1, seq_len=1024, packing=True)
     c.checkpoint.save_every = 50  # includes the paper's 50/100/250/500
-    c.r2d2.update(gcg_steps=5, search_width=512, topk=256, cases_per_step=8, pool_size=400, chunk=128)
+    c.r2d2.update(gcg_steps=5, search_width=512, topk=256, cases_per_step=8, pool_size=400, chunk=128,
+                  prompt_len=128, rest_len=96, row_len=256)
     c.data.update(n_benign=4000, completion_tokens=256)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected '', 'sft', 'smoke', 'smoke_sft', 'mistral7b' "

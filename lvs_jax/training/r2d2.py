@@ -221,6 +221,23 @@ def behavior_stream(n: int, seed: int, start: int, count: int) -> np.ndarray:
   return out
 
 
+def fixed_len(n: int, fixed: int, multiple: int) -> int:
+  """`fixed` when n fits (one compiled shape), else n rounded up to `multiple` (a rare extra compile)."""
+  return int(fixed) if n <= fixed else -(-n // multiple) * multiple
+
+
+def pad_batch(b: gcg.Batch, prompt_len: int, rest_len: int, multiple: int, pad_id: int) -> gcg.Batch:
+  """A GCG batch with the prefix left-padded to `fixed_len(Tb, prompt_len)` and the rest right-padded
+  to `fixed_len(R, rest_len)` (padding masked out: the losses are unchanged)."""
+  P, Tb = b.before.shape
+  R = b.rest.shape[1]
+  tb, r = fixed_len(Tb, prompt_len, multiple), fixed_len(R, rest_len, multiple)
+  left = lambda x, v: jnp.pad(x, ((0, 0), (tb - Tb, 0)), constant_values=v)  # noqa: E731
+  right = lambda x, v: jnp.pad(x, ((0, 0), (0, r - R)), constant_values=v)  # noqa: E731
+  return gcg.Batch(left(b.before, pad_id), left(b.before_mask, 0), right(b.rest, pad_id), right(b.rest_mask, 0),
+                   b.tgt_pos, b.labels, b.weights)
+
+
 class Trainer:
   """Pool, inner attack, batches and the loop of one run (R2D2 or its SFT baseline).
 
@@ -303,8 +320,9 @@ class Trainer:
   def attack(self, params: model_lib.Params, pool: Pool, which: np.ndarray, step: int) -> Pool:
     """`gcg_steps` GCG steps on each selected entry against `params` -> the pool with their new suffixes.
 
-    One entry at a time (suffix lengths differ); prompt and rest lengths padded to `pad_multiple`, so the
-    kernels compile once per (suffix length, length bucket) and never again.
+    One entry at a time (suffix lengths differ); the prefix padded to `prompt_len` and the rest to
+    `rest_len` slots (`fixed_len`), so the kernels compile once per suffix length (a handful for the
+    whole run) and never again.
     """
     g = self.r
     mcfg = self.model.cfg
@@ -319,7 +337,8 @@ class Trainer:
       n = int(lens[e])
       lay = dataclasses.replace(self.layout(int(pool.behavior[e]), int(pool.n_bang[e])),
                                 suffix_ids=[int(t) for t in suffix[e, :n]])
-      batch = gcg.make_batch([lay], self.tok.pad_id, multiple=g.pad_multiple)
+      batch = pad_batch(gcg.make_batch([lay], self.tok.pad_id, multiple=1), g.prompt_len, g.rest_len,
+                        g.pad_multiple, self.tok.pad_id)
       cache = gcg.prefix_cache(params, mcfg, batch)
       cur = np.asarray(suffix[e, :n], np.int32)
       for t in range(g.gcg_steps):
@@ -352,8 +371,7 @@ class Trainer:
 
   def _rows(self, prompts: list[list[int]], completions: list[list[int]]) -> training.Batch:
     exs = [training.Tokenized(np.asarray(p + c, np.int32), len(p)) for p, c in zip(prompts, completions)]
-    T = max(len(x.ids) for x in exs)
-    T = -(-T // self.r.pad_multiple) * self.r.pad_multiple
+    T = fixed_len(max(len(x.ids) for x in exs), self.r.row_len, self.r.pad_multiple)
     arrays = training.pack_rows([[x] for x in exs], T, self.tok.pad_id)
     return training.Batch(**{k: jnp.asarray(v) for k, v in arrays.items()})
 
