@@ -153,6 +153,24 @@ def test_adversarial_terms_off_is_the_sft_step_bit_for_bit():
                                                                             jax.tree.leaves(c.params)))
 
 
+def test_sft_baseline_run_without_the_refusal_term_is_core_sft_on_the_same_batches(tiny_chat_model):  # noqa: F811
+  # The whole trainer (pool, selection, batches, schedule) adds nothing but its loss terms to the SFT step.
+  from lvs_jax.training import recipes
+
+  tr = _trainer(tiny_chat_model, adversarial=False, **{"r2d2.toward_weight": 0.0})
+  init, opt, sched, _ = recipes.setup(tr.model, tr.cfg)
+  state = r2d2.R2D2State(training.init_state(init(), opt, tr.cfg.seed), tr.init_pool())
+  w = dict(sft=1.0, toward=0.0, away=0.0)
+  step = r2d2.make_step(tr.model.cfg, opt, tr.model.params, weights=w, schedule=sched, remat=False)
+  state, rows = r2d2.run_loop(tr, state, step, 3, log=None)
+  ref = training.init_state(init(), opt, tr.cfg.seed)
+  core_step = training.make_train_step(tr.model.cfg, opt, tr.model.params, schedule=sched, remat=False)
+  ref, ref_rows = training.train_loop(ref, core_step, tr.dataset, 3, log=None, progress=False)
+  for x, y in zip(jax.tree.leaves(state.train), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+
+
 def _child(model_dir, wd, steps, cache, env_extra=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

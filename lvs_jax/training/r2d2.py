@@ -28,6 +28,7 @@ Shapes: N pool entries, S = `max_suffix` suffix slots, K entries per step, W can
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -402,8 +403,6 @@ class Trainer:
     return R2D2State(train, pool), metrics
 
   def fingerprint(self) -> str:
-    import hashlib
-
     h = hashlib.sha256(self.dataset.fingerprint().encode())
     h.update(json.dumps([self.behaviors, self.targets, self.adversarial]).encode())
     return h.hexdigest()
