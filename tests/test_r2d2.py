@@ -190,6 +190,7 @@ def _last_step(path):
   return rows[-1]["step"] if rows else 0
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_bit_identical_params_and_pool(tmp_path, tiny_chat_model, jax_cache):  # noqa: F811
   n = 8
   rc, out = _finish(_child(tiny_chat_model, tmp_path / "ref", n, jax_cache))
@@ -232,6 +233,7 @@ def _main(config, wd, model, cache, *over):
   return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_train_r2d2_smoke_checkpoints_resume_and_load_model_at_step(tmp_path, tiny_chat_model, jax_cache):  # noqa: F811
   wd = tmp_path / "r2d2"
   r = _main("r2d2.py:smoke", wd, tiny_chat_model, jax_cache)
