@@ -1,0 +1,28 @@
+r"""Checkpoint-trajectory analysis: behavior and a fresh GCG attack at every checkpoint of training runs.
+
+  python experiments/trajectory.py --config=experiments/configs/trajectory.py --workdir=/tmp/traj \
+    --config.runs="('r2d2=/tmp/r2d2', 'sft=/tmp/r2d2_sft')" --config.steps="(0, 20, 50, 100)"
+
+Writes workdir/trajectory/ (per-checkpoint generations, GCG states and test cases, rows.json) and the
+"trajectory" section of workdir/report.{json,html}; re-running resumes (everything keyed by content).
+"""
+
+from absl import app
+
+from lvs_jax.core import cli
+
+cli.define_flags("Trajectory config file.")
+
+
+def main(argv):
+  cfg, workdir = cli.setup(argv)
+  from lvs_jax.trajectory import audit
+  from lvs_jax.trajectory import section as traj_section
+
+  audit.parse_runs(cfg.runs)  # a bad run path fails before any model loads
+  rows = audit.run(cfg, workdir)
+  cli.write_section(workdir, traj_section.section(rows, cfg), runs=list(cfg.runs), dtype=cfg.dtype)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,166 @@
+"""Checkpoint-trajectory analysis: evaluate every chosen checkpoint of one or more training runs.
+
+A run is the workdir of `experiments/train_r2d2.py` (R2D2 or its matched SFT baseline),
+`experiments/train_sft.py` or `experiments/harmful_finetune.py`; each committed step loads as the model
+"<workdir>@<step>" (`lvs_jax.io.registry`). At every checkpoint, today:
+
+  behavior   greedy refusal rate (substring judge, 95% Wilson interval) on each configured set: held-out
+             harmful prompts (robust refusal), harmless prompts (1 - refusal = benign compliance) and
+             XSTest safe prompts (exaggerated safety), cached per checkpoint;
+  gcg        GCG test cases found *against that checkpoint* (fresh attack, small budget; resumable) and
+             their attack success (greedy generation not a refusal), with a Wilson interval;
+  seconds    the run's median seconds per training step (its metrics.jsonl).
+
+Layout under the workdir: `trajectory/models/<digest>/` per distinct set of weights (a run's step 0 is
+its base model: two runs from one start share it), holding `eval/<set>.jsonl` (keyed generations) and
+`attack/` (GCG states, test cases, results; the directory is claimed by a content key of the model's
+weights and the attack config, so another model's attack is moved aside, never reused);
+`trajectory/rows.json` (one row per run and step) and the report's "trajectory" section with the
+measures along steps on one x-axis and a CSV table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from lvs_jax.attacks import audit as attack_audit
+from lvs_jax.evals import stats
+from lvs_jax.io import checkpoints, files, keys
+from lvs_jax.training import core as training
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.runs = ()  # workdirs of training runs; "label=path" names a run (default: the directory's name)
+  c.steps = ()  # steps to evaluate in every run; () = every committed step
+  c.sets = dict(
+    harmful=dict(path="harmful_val", n=0),  # held-out harmful: refusal = robust refusal
+    harmless=dict(path="harmless_val", n=100),  # benign utility: 1 - refusal
+    xstest_safe=dict(path="xstest", label="safe", n=100),  # exaggerated safety: refusal on safe prompts
+  )
+  c.eval = dict(max_new_tokens=64, batch_size=16, prefixes="jailbreakbench")
+  c.attack = attack_audit.default_config()  # a fresh GCG against every checkpoint
+  c.attack.methods = ("gcg",)
+  c.attack.n_prompts = 8
+  c.attack.batch_prompts = 8
+  c.attack.gcg_budgets = (10,)
+  c.attack.gcg.search_width = 64
+  c.attack.gcg.topk = 64
+  c.attack.eval.max_new_tokens = 64
+  return c
+
+
+def make_smoke(c: ml_collections.ConfigDict) -> None:
+  c.sets = dict(harmful=dict(path="harmful_val", n=3), harmless=dict(path="harmless_val", n=2))
+  c.eval = dict(max_new_tokens=4, batch_size=4, prefixes="jailbreakbench")
+  attack_audit.make_smoke(c.attack)
+  c.attack.methods = ("gcg",)
+  c.attack.gcg_budgets = (1,)
+
+
+def parse_runs(runs: Sequence[str]) -> list[tuple[str, str]]:
+  """[(label, workdir)] from "label=path" or "path" entries; errors name the path that is not a run."""
+  out = []
+  for r in runs:
+    label, sep, path = r.partition("=")
+    if not sep:
+      label, path = os.path.basename(os.path.normpath(r)), r
+    ck = os.path.join(path, "checkpoints")
+    if not os.path.isdir(ck):
+      raise FileNotFoundError(f"trajectory run {r!r}: {ck} does not exist (expected the workdir of a training run)")
+    out.append((label, path))
+  if not out:
+    raise ValueError("trajectory: --config.runs is empty; give the workdirs of one or more training runs")
+  if len({label for label, _ in out}) != len(out):
+    raise ValueError(f"trajectory: run labels must differ, got {[label for label, _ in out]}")
+  return out
+
+
+def run_steps(path: str, wanted: Sequence[int]) -> list[int]:
+  """The steps of run `path` to evaluate: `wanted` (each must be committed) or every committed step."""
+  have = checkpoints.committed_steps(os.path.join(path, "checkpoints"))
+  if not wanted:
+    return have
+  missing = [s for s in wanted if s not in have]
+  if missing:
+    raise ValueError(f"{path}: steps {missing} are not committed checkpoints (committed: {have})")
+  return [int(s) for s in wanted]
+
+
+def load_sets(sets: Mapping[str, Mapping], seed: int = 0) -> dict[str, list[str]]:
+  from lvs_jax.io import datasets as data
+
+  out = {}
+  for name, s in sets.items():
+    ps = data.load_prompts(s["path"], label=s.get("label"))
+    out[name] = list(data.sample(ps, s["n"], seed=seed) if s.get("n") else ps)
+  return out
+
+
+def seconds_per_step(path: str) -> float:
+  """Median wall seconds per training step of a run (metrics.jsonl; the first, compiling, step excluded)."""
+  rows = training.read_metrics(os.path.join(path, "metrics.jsonl")) if os.path.exists(
+    os.path.join(path, "metrics.jsonl")) else []
+  s = [r["seconds"] for r in rows[1:] if "seconds" in r]
+  return float(np.median(s)) if s else float("nan")
+
+
+def _rate(k: int, n: int) -> dict:
+  lo, hi = stats.wilson_interval(k, n)
+  return dict(rate=k / n if n else float("nan"), low=lo, high=hi, k=k, n=n)
+
+
+def evaluate_model(model, sets: Mapping[str, Sequence[str]], cfg, model_dir: str) -> dict:
+  """Behavior on every set and a fresh GCG attack against `model` (cached under model_dir)."""
+  from lvs_jax.training import recipes
+
+  e = cfg.eval
+  t0 = time.time()
+  results = recipes.evaluate(model, sets, os.path.join(model_dir, "eval"), max_new_tokens=e.max_new_tokens,
+                             batch_size=e.batch_size, prefixes=e.prefixes)
+  out = {f"refusal/{r.name}": _rate(r.n_refused, r.n) for r in results}
+  out["eval_seconds"] = time.time() - t0
+  attack_dir = os.path.join(model_dir, "attack")
+  keys.claim(attack_dir, "trajectory_attack", model=keys.model_parts(model), config=cfg.attack.to_dict())
+  t0 = time.time()
+  attack_audit.run(model, cfg.attack, model_dir)  # resumable: GCG states under model_dir/attack/gcg
+  with open(os.path.join(attack_dir, "results.json"), encoding="utf-8") as f:
+    res = json.load(f)
+  for key, r in res.items():
+    out[f"asr/{key}"] = _rate(int(np.sum(r["success"])), int(r["n"]))
+  out["attack_seconds"] = time.time() - t0
+  return out
+
+
+def run(cfg, workdir: str, load_model=None) -> list[dict]:
+  """One row per (run, step): {"run", "step", "digest", "seconds_per_step", measure: {rate, low, high, k, n}}.
+  `load_model(name)` defaults to `lvs_jax.io.registry.load_model` in cfg.dtype."""
+  import jax.numpy as jnp
+
+  from lvs_jax.io import registry
+
+  load_model = load_model or (lambda name: registry.load_model(name, dtype=jnp.dtype(cfg.dtype)))
+  runs = parse_runs(cfg.runs)
+  plan = [(label, path, step) for label, path in runs for step in run_steps(path, cfg.steps)]
+  sets = load_sets(cfg.sets, cfg.get("seed", 0))
+  root = os.path.join(workdir, "trajectory")
+  files.makedirs(os.path.join(root, "models"))
+  done: dict[str, dict] = {}  # weights digest -> measures (step 0 of two runs from one start: one evaluation)
+  rows = []
+  for label, path, step in plan:
+    model = load_model(f"{path}@{step}")
+    digest = keys.model_parts(model)["weights"]
+    if digest not in done:
+      logging.info("trajectory: evaluating %s@%d (weights %s)", label, step, digest[:12])
+      done[digest] = evaluate_model(model, sets, cfg, os.path.join(root, "models", digest[:16]))
+    rows.append(dict(run=label, path=os.path.abspath(path), step=step, digest=digest,
+                     seconds_per_step=seconds_per_step(path), **done[digest]))
+    files.atomic_write_json(os.path.join(root, "rows.json"), rows, indent=1)
+  return rows

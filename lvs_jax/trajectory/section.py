@@ -1,0 +1,75 @@
+"""The report's "trajectory" section: every measure along training steps, one shared x-axis per run.
+Nothing here runs a model (rows come from `lvs_jax.trajectory.audit.run`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from lvs_jax.report import charts
+from lvs_jax.report import store as report_lib
+
+# (row key, label in the plot and the table, how to read it)
+MEASURES = (
+  ("refusal/harmful", "harmful refused", "robust refusal: higher is safer"),
+  ("asr/gcg", "GCG ASR (fresh, against this checkpoint)", "lower is more robust"),
+  ("refusal/xstest_safe", "XSTest safe refused", "exaggerated safety: lower is better"),
+  ("refusal/harmless", "harmless refused", "1 - benign compliance: lower is better"),
+)
+
+
+def measure_keys(rows: Sequence[Mapping]) -> list[tuple[str, str, str]]:
+  """MEASURES present in the rows (a GCG key "asr/gcg@N" is matched by its prefix), in MEASURES order."""
+  present = []
+  for key, label, guide in MEASURES:
+    hits = sorted({k for r in rows for k in r if k == key or k.startswith(key + "@")})
+    present += [(k, label + (f" ({k.split('@')[1]} steps)" if "@" in k else ""), guide) for k in hits]
+  return present
+
+
+def section(rows: Sequence[Mapping], cfg) -> report_lib.Section:
+  measures = measure_keys(rows)
+  runs = list(dict.fromkeys(r["run"] for r in rows))
+  figs = []
+  for key, label, guide in measures:
+    series, errors = {}, {}
+    for run in runs:
+      rr = sorted((r for r in rows if r["run"] == run and key in r), key=lambda r: r["step"])
+      x = np.array([r["step"] for r in rr], float)
+      y = np.array([r[key]["rate"] for r in rr], float)
+      series[run] = (x, y)
+      errors[run] = np.stack([y - [r[key]["low"] for r in rr], [r[key]["high"] for r in rr] - y])
+    name = key.replace("/", "_").replace("@", "_s")
+    figs.append(report_lib.Figure(name, charts.line_chart(None, series, errors, xlabel="training step",
+                                                          ylabel="rate", title=f"{label} ({guide})"), label))
+  cols = ["run", "step", "seconds_per_step"]
+  for key, _, _ in measures:
+    cols += [key, f"{key} low", f"{key} high", f"{key} n"]
+  table_rows = []
+  for r in sorted(rows, key=lambda r: (runs.index(r["run"]), r["step"])):
+    row = [r["run"], r["step"], r["seconds_per_step"]]
+    for key, _, _ in measures:
+      m = r.get(key) or {}
+      row += [m.get("rate"), m.get("low"), m.get("high"), m.get("n")]
+    table_rows.append(row)
+  table = report_lib.Table("trajectory", cols, table_rows,
+                           caption="Every measure at every evaluated checkpoint (rates with 95% Wilson intervals).")
+  last = {run: max((r for r in rows if r["run"] == run), key=lambda r: r["step"]) for run in runs}
+  summary = {}
+  for run, r in last.items():
+    for key, _, _ in measures:
+      if key in r:
+        summary[f"{run}@{r['step']}/{key}"] = r[key]["rate"]
+  a = cfg.attack
+  paths = {run: r["path"] for run, r in last.items()}
+  sets = ", ".join(f"{k}: {v['path']} (n={v.get('n') or 'all'})" for k, v in cfg.sets.items())
+  notes = (f"Runs: {', '.join(f'{run} ({paths[run]})' for run in runs)}. "
+           f"Behavior: greedy {cfg.eval.max_new_tokens}-token completions judged by the substring judge "
+           f"({cfg.eval.prefixes}); sets {sets}. "
+           f"GCG: a fresh attack against each checkpoint on the first {a.n_prompts} prompts of {a.prompts}, "
+           f"{', '.join(map(str, a.gcg_budgets))} steps, width {a.gcg.search_width}, top-k {a.gcg.topk}; ASR = "
+           "greedy completion not refused. Checkpoints with identical weights (a run's step 0 is its base model) "
+           "are evaluated once.")
+  return report_lib.Section(key="trajectory", title="Checkpoint trajectories", summary=summary, tables=[table],
+                            figures=figs, notes=notes)

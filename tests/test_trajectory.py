@@ -1,0 +1,72 @@
+"""Checkpoint-trajectory analysis on a tiny model's SFT-baseline run: every checkpoint evaluated once per
+distinct weights, resumable, the main writes the section."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_r2d2 import _main
+from test_training_experiments import jax_cache, tiny_chat_model  # noqa: F401 (fixtures)
+
+from lvs_jax.io import checkpoints
+from lvs_jax.trajectory import audit
+from lvs_jax.trajectory import section as traj_section
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(runs, steps=()):
+  c = audit.default_config()
+  audit.make_smoke(c)
+  c.dtype = "float32"
+  c.runs, c.steps = tuple(runs), tuple(steps)
+  return c
+
+
+@pytest.mark.slow
+def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_the_section(
+    tmp_path, tiny_chat_model, jax_cache):  # noqa: F811
+  run = tmp_path / "sft"
+  r = _main("r2d2.py:smoke_sft", run, tiny_chat_model, jax_cache)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  assert checkpoints.committed_steps(run / "checkpoints") == [0, 2, 4]
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    audit.parse_runs([str(tmp_path / "nowhere")])
+  with pytest.raises(ValueError, match=r"steps \[3\] are not committed"):
+    audit.run_steps(str(run), [0, 3])
+
+  # The same run under two labels: 6 rows, 3 distinct weights, each evaluated once.
+  wd = tmp_path / "traj"
+  cfg = _config([f"a={run}", f"b={run}"])
+  rows = audit.run(cfg, str(wd))
+  assert [(x["run"], x["step"]) for x in rows] == [(a, s) for a in "ab" for s in (0, 2, 4)]
+  models = sorted(os.listdir(wd / "trajectory" / "models"))
+  assert len(models) == 3 == len({x["digest"] for x in rows})
+  for x in rows:
+    assert x["refusal/harmful"]["n"] == 3 and x["refusal/harmless"]["n"] == 2 and x["asr/gcg@1"]["n"] == 2
+    assert 0.0 <= x["refusal/harmful"]["low"] <= x["refusal/harmful"]["rate"] <= x["refusal/harmful"]["high"] <= 1.0
+    assert x["seconds_per_step"] > 0
+  assert rows[0]["digest"] != rows[2]["digest"]  # training moved the weights
+  # Re-run: everything is reused (same rows, no new model directories, no stale artefacts moved aside).
+  again = audit.run(cfg, str(wd))
+  strip = lambda rs: [{k: v for k, v in x.items() if not k.endswith("_seconds")} for x in rs]  # noqa: E731
+  assert strip(again) == strip(rows)
+  assert sorted(os.listdir(wd / "trajectory" / "models")) == models
+  assert not [f for m in models for f in os.listdir(wd / "trajectory" / "models" / m) if ".stale-" in f]
+
+  sec = traj_section.section(rows, cfg)
+  assert [f.name for f in sec.figures] == ["refusal_harmful", "asr_gcg_s1", "refusal_harmless"]
+  assert len(sec.tables[0].rows) == 6 and sec.summary["a@4/refusal/harmful"] == rows[2]["refusal/harmful"]["rate"]
+
+  # The main, on the same workdir: resumes and writes the report section.
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax_cache)
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "trajectory.py"),
+         f"--config={os.path.join(ROOT, 'experiments', 'configs', 'trajectory.py')}:smoke", f"--workdir={wd}",
+         f"--config.runs=('a={run}', 'b={run}')", "--config.steps=(0, 4)"]
+  p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+  report = json.loads((wd / "report.json").read_text())
+  assert len(report["sections"]["trajectory"]["tables"]["trajectory"]["rows"]) == 4
+  assert (wd / "report.html").exists()
