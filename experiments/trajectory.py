@@ -20,8 +20,8 @@ def main(argv):
   from lvs_jax.trajectory import section as traj_section
 
   audit.parse_runs(cfg.runs)  # a bad run path fails before any model loads
-  rows = audit.run(cfg, workdir)
-  cli.write_section(workdir, traj_section.section(rows, cfg), runs=list(cfg.runs), dtype=cfg.dtype)
+  rows, cells = audit.run(cfg, workdir)
+  cli.write_section(workdir, traj_section.section(rows, cfg, cells), runs=list(cfg.runs), dtype=cfg.dtype)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 from test_r2d2 import _main
 from test_training_experiments import jax_cache, tiny_chat_model  # noqa: F401 (fixtures)
 
-from lvs_jax.io import checkpoints
+from lvs_jax.attacks import test_cases
+from lvs_jax.io import checkpoints, registry
 from lvs_jax.trajectory import audit
 from lvs_jax.trajectory import section as traj_section
 
@@ -22,6 +24,12 @@ def _config(runs, steps=()):
   audit.make_smoke(c)
   c.dtype = "float32"
   c.runs, c.steps = tuple(runs), tuple(steps)
+  return c
+
+
+def _with_sources(cfg, sources):
+  c = ml_collections.ConfigDict(cfg.to_dict())
+  c.transfer.sources = sources
   return c
 
 
@@ -40,7 +48,7 @@ def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_t
   # The same run under two labels: 6 rows, 3 distinct weights, each evaluated once.
   wd = tmp_path / "traj"
   cfg = _config([f"a={run}", f"b={run}"])
-  rows = audit.run(cfg, str(wd))
+  rows, cells = audit.run(cfg, str(wd))
   assert [(x["run"], x["step"]) for x in rows] == [(a, s) for a in "ab" for s in (0, 2, 4)]
   models = sorted(os.listdir(wd / "trajectory" / "models"))
   assert len(models) == 3 == len({x["digest"] for x in rows})
@@ -50,15 +58,32 @@ def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_t
     assert x["seconds_per_step"] > 0
   assert rows[0]["digest"] != rows[2]["digest"]  # training moved the weights
   # Re-run: everything is reused (same rows, no new model directories, no stale artefacts moved aside).
-  again = audit.run(cfg, str(wd))
+  again, cells_again = audit.run(cfg, str(wd))
   strip = lambda rs: [{k: v for k, v in x.items() if not k.endswith("_seconds")} for x in rs]  # noqa: E731
-  assert strip(again) == strip(rows)
+  assert strip(again) == strip(rows) and cells_again == cells
   assert sorted(os.listdir(wd / "trajectory" / "models")) == models
   assert not [f for m in models for f in os.listdir(wd / "trajectory" / "models" / m) if ".stale-" in f]
 
-  sec = traj_section.section(rows, cfg)
-  assert [f.name for f in sec.figures] == ["refusal_harmful", "asr_gcg_s1", "refusal_harmless"]
+  # The transfer matrix: every source's cases against every checkpoint; its diagonal is the fresh ASR, and
+  # the batched evaluation over all sources equals one evaluation per cell.
+  labels = [f"{a}@{s}" for a in "ab" for s in (0, 2, 4)]
+  assert [(c["source"], f"{c['run']}@{c['step']}") for c in cells] == [(f"gcg@{s}", t) for t in labels for s in labels]
+  for c in cells:
+    if c["source"] == f"gcg@{c['run']}@{c['step']}":
+      assert c["k"] == rows[labels.index(c["source"][4:])]["asr/gcg@1"]["k"]
+  sources = audit.transfer_sources(rows, cfg, str(wd))
+  model = registry.load_model(f"{run}@2")
+  batched = audit.transfer_cells(model, sources, cfg.eval)
+  for label, cases in sources:
+    single = test_cases.evaluate(model, cases, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    assert batched[label]["success"] == single["success"], label
+  with pytest.raises(ValueError, match=r"\['c@0'\] are not evaluated"):
+    audit.transfer_sources(rows, _with_sources(cfg, ("c@0",)), str(wd))
+
+  sec = traj_section.section(rows, cfg, cells)
+  assert [f.name for f in sec.figures] == ["refusal_harmful", "asr_gcg_s1", "refusal_harmless", "transfer"]
   assert len(sec.tables[0].rows) == 6 and sec.summary["a@4/refusal/harmful"] == rows[2]["refusal/harmful"]["rate"]
+  assert len(sec.tables[1].rows) == 36
 
   # The main, on the same workdir: resumes and writes the report section.
   env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax_cache)
@@ -69,4 +94,5 @@ def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_t
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
   report = json.loads((wd / "report.json").read_text())
   assert len(report["sections"]["trajectory"]["tables"]["trajectory"]["rows"]) == 4
+  assert len(report["sections"]["trajectory"]["tables"]["transfer"]["rows"]) == 4 * 4
   assert (wd / "report.html").exists()

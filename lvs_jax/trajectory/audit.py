@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from lvs_jax.attacks import audit as attack_audit
+from lvs_jax.attacks import test_cases as tc_lib
 from lvs_jax.evals import stats
 from lvs_jax.io import checkpoints, files, keys
 from lvs_jax.training import core as training
@@ -54,6 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.attack.gcg.search_width = 64
   c.attack.gcg.topk = 64
   c.attack.eval.max_new_tokens = 64
+  # The sparse transfer matrix: test cases found against each source checkpoint ("run@step"; () = every
+  # evaluated checkpoint) and external files (JailbreakBench artifacts, HarmBench test_cases.json), each
+  # evaluated against every evaluated checkpoint.
+  c.transfer = dict(enabled=True, sources=(), external=())
   return c
 
 
@@ -139,8 +144,9 @@ def evaluate_model(model, sets: Mapping[str, Sequence[str]], cfg, model_dir: str
   return out
 
 
-def run(cfg, workdir: str, load_model=None) -> list[dict]:
-  """One row per (run, step): {"run", "step", "digest", "seconds_per_step", measure: {rate, low, high, k, n}}.
+def run(cfg, workdir: str, load_model=None) -> tuple[list[dict], list[dict]]:
+  """(rows, transfer cells). One row per (run, step): {"run", "step", "digest", "seconds_per_step", measure:
+  {rate, low, high, k, n}}; cells: see `run_transfer` ([] when cfg.transfer.enabled is False).
   `load_model(name)` defaults to `lvs_jax.io.registry.load_model` in cfg.dtype."""
   import jax.numpy as jnp
 
@@ -163,4 +169,69 @@ def run(cfg, workdir: str, load_model=None) -> list[dict]:
     rows.append(dict(run=label, path=os.path.abspath(path), step=step, digest=digest,
                      seconds_per_step=seconds_per_step(path), **done[digest]))
     files.atomic_write_json(os.path.join(root, "rows.json"), rows, indent=1)
-  return rows
+  cells = run_transfer(cfg, workdir, rows, load_model) if cfg.transfer.enabled else []
+  return rows, cells
+
+
+# ----------------------------------------------------------------------------- sparse transfer matrix
+
+
+def _gcg_cases_dir(model_dir: str, cfg) -> str:
+  return os.path.join(model_dir, "attack", "test_cases", f"gcg_s{max(cfg.attack.gcg_budgets)}")
+
+
+def transfer_sources(rows: Sequence[Mapping], cfg, workdir: str) -> list[tuple[str, list]]:
+  """[(label, test cases)]: the GCG cases found against each chosen source checkpoint, then the external
+  files. Errors name a source that is not an evaluated checkpoint."""
+  by_label = {f"{r['run']}@{r['step']}": r for r in rows}
+  wanted = list(cfg.transfer.sources) or list(by_label)
+  missing = [w for w in wanted if w not in by_label]
+  if missing:
+    raise ValueError(f"transfer sources {missing} are not evaluated checkpoints (have: {sorted(by_label)})")
+  out = []
+  for label in wanted:
+    d = _gcg_cases_dir(os.path.join(workdir, "trajectory", "models", by_label[label]["digest"][:16]), cfg)
+    out.append((f"gcg@{label}", tc_lib.load(d)))
+  for path in cfg.transfer.external:
+    out.append((f"file:{os.path.basename(os.path.normpath(path))}", tc_lib.load(path)))
+  return out
+
+
+def transfer_cells(model, sources: Sequence[tuple[str, Sequence]], ev) -> dict[str, dict]:
+  """{source label: success rate with Wilson interval (+ per-case success)} of every source's test cases
+  against `model`, in one batched generation over all sources' cases (== one call per source)."""
+  cases = [c for _, cs in sources for c in cs]
+  res = tc_lib.evaluate(model, cases, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                        prefixes=ev.prefixes)
+  out, i = {}, 0
+  for label, cs in sources:
+    succ = [bool(x) for x in res["success"][i:i + len(cs)]]
+    out[label] = dict(_rate(sum(succ), len(succ)), success=succ)
+    i += len(cs)
+  return out
+
+
+def run_transfer(cfg, workdir: str, rows: Sequence[Mapping], load_model) -> list[dict]:
+  """One cell per (source, evaluated checkpoint): {"source", "run", "step", rate, low, high, k, n}. Cells of
+  one target are cached in its model directory, keyed by the model, every source's test cases and the
+  judge, so a new source recomputes that target's row (never a stale cell)."""
+  sources = transfer_sources(rows, cfg, workdir)
+  cells, seen = [], {}
+  for r in rows:
+    if r["digest"] not in seen:
+      model = load_model(f"{r['path']}@{r['step']}")
+      path = os.path.join(workdir, "trajectory", "models", r["digest"][:16], "transfer.json")
+      parts = dict(model=keys.model_parts(model), sources=[(lb, [c.test_case for c in cs]) for lb, cs in sources],
+                   eval=dict(cfg.eval))
+      if keys.claim(path, "transfer", **parts):
+        with open(path, encoding="utf-8") as f:
+          seen[r["digest"]] = json.load(f)
+      else:
+        seen[r["digest"]] = transfer_cells(model, sources, cfg.eval)
+        files.atomic_write_json(path, seen[r["digest"]], indent=1)
+    for label, _ in sources:
+      c = seen[r["digest"]][label]
+      cells.append(dict(source=label, run=r["run"], step=r["step"], **{k: c[k] for k in ("rate", "low", "high",
+                                                                                        "k", "n")}))
+  files.atomic_write_json(os.path.join(workdir, "trajectory", "transfer.json"), cells, indent=1)
+  return cells

@@ -28,7 +28,26 @@ def measure_keys(rows: Sequence[Mapping]) -> list[tuple[str, str, str]]:
   return present
 
 
-def section(rows: Sequence[Mapping], cfg) -> report_lib.Section:
+def transfer_parts(cells: Sequence[Mapping]) -> tuple[list[report_lib.Figure], list[report_lib.Table]]:
+  """The transfer matrix as a heat map (sources x evaluated checkpoints) and a table with intervals."""
+  if not cells:
+    return [], []
+  sources = list(dict.fromkeys(c["source"] for c in cells))
+  targets = list(dict.fromkeys(f"{c['run']}@{c['step']}" for c in cells))
+  m = np.full((len(sources), len(targets)), np.nan)
+  for c in cells:
+    m[sources.index(c["source"]), targets.index(f"{c['run']}@{c['step']}")] = c["rate"]
+  fig = report_lib.Figure("transfer", charts.heatmap(m, targets, sources, title="Transfer ASR: test cases from "
+                                                     "source (row) against checkpoint (column)",
+                                                     cbar_label="ASR"), "Sparse transfer matrix")
+  table = report_lib.Table("transfer", ["source", "run", "step", "asr", "low", "high", "k", "n"],
+                           [[c["source"], c["run"], c["step"], c["rate"], c["low"], c["high"], c["k"], c["n"]]
+                            for c in cells], caption="Fixed-source transfer: ASR of each source's test cases "
+                           "against each checkpoint (95% Wilson interval).")
+  return [fig], [table]
+
+
+def section(rows: Sequence[Mapping], cfg, cells: Sequence[Mapping] = ()) -> report_lib.Section:
   measures = measure_keys(rows)
   runs = list(dict.fromkeys(r["run"] for r in rows))
   figs = []
@@ -71,5 +90,6 @@ def section(rows: Sequence[Mapping], cfg) -> report_lib.Section:
            f"{', '.join(map(str, a.gcg_budgets))} steps, width {a.gcg.search_width}, top-k {a.gcg.topk}; ASR = "
            "greedy completion not refused. Checkpoints with identical weights (a run's step 0 is its base model) "
            "are evaluated once.")
-  return report_lib.Section(key="trajectory", title="Checkpoint trajectories", summary=summary, tables=[table],
-                            figures=figs, notes=notes)
+  tfigs, ttables = transfer_parts(cells)
+  return report_lib.Section(key="trajectory", title="Checkpoint trajectories", summary=summary,
+                            tables=[table, *ttables], figures=figs + tfigs, notes=notes)
