@@ -50,8 +50,10 @@ def test_audit_smoke_writes_report_and_resumes(tmp_path):
 def test_audit_with_every_section_enabled(tmp_path):
   """The audit report gathers behavior, LVS, geometry and drift sections (smoke sizes) in one run."""
   cfg = os.path.join(ROOT, "experiments", "configs", "audit.py") + ":smoke"
+  # Each section's own smoke test covers its sizes; here one layer / cell each, to test the gathering.
   r = _run("audit.py", cfg, tmp_path, "--config.lvs.enabled=True", "--config.geometry.enabled=True",
-           "--config.drift.enabled=True")
+           "--config.drift.enabled=True", "--config.lvs.layers=(20,)", "--config.lvs.radii=(1.0,)",
+           "--config.drift.layers=(28,)", "--config.drift.poolings=('mean',)")
   assert r.returncode == 0, r.stderr[-3000:]
   rep = json.loads((tmp_path / "report.json").read_text())
   assert set(rep["sections"]) == {"behavior", "lvs", "geometry", "drift"}
