@@ -11,6 +11,11 @@ terminology; Arditi et al. 2024 call the refusal one the "refusal direction"):
                 labels from the model's own greedy generations judged by `lvs_jax.evals.judges`
   refusal_hh    mean(harmful) - mean(harmless) at t_post_inst (Arditi et al.'s refusal direction,
                 kept for comparison: it mixes harmfulness and refusal)
+  refusal_within_harmful, refusal_within_harmless
+                mean(refused) - mean(complied) at t_post_inst *within* one stratum of the pool (harmful
+                prompts; harmless and XSTest-safe prompts): over the whole pool "refused" is almost
+                "harmful", so the behavioral refusal carrier can be the harmfulness direction in
+                disguise; within a stratum harmfulness is held fixed (`stratified_refusal_labels`)
 
 Shapes: activations [L, N, D] (as `lvs_jax.evals.activations.collect` returns them), carriers [L, D].
 Site: `resid_pre` by default, the residual stream *entering* block l, so carrier l is exactly what
@@ -56,8 +61,14 @@ HARMFULNESS = "harmfulness"
 REFUSAL = "refusal"
 REFUSAL_HH = "refusal_hh"
 
+REFUSAL_WITHIN_HARMFUL = "refusal_within_harmful"
+REFUSAL_WITHIN_HARMLESS = "refusal_within_harmless"
+# Pool strata: +1 harmful (incl. XSTest unsafe), -1 harmless (incl. XSTest safe), 0 neither / unknown.
+STRATA = {REFUSAL_WITHIN_HARMFUL: 1, REFUSAL_WITHIN_HARMLESS: -1}
+
 # Which token each carrier is read at (lvs_jax.evals.activations pooling names).
-POOLING = {HARMFULNESS: "last_instruction", REFUSAL: "last", REFUSAL_HH: "last"}
+POOLING = {HARMFULNESS: "last_instruction", REFUSAL: "last", REFUSAL_HH: "last", REFUSAL_WITHIN_HARMFUL: "last",
+           REFUSAL_WITHIN_HARMLESS: "last"}
 
 
 class MeanAccumulator:
@@ -238,6 +249,45 @@ def collect_inst_post(model: LoadedModel, prompts: Sequence[str], *, site: str =
 def refusal_labels(records: Sequence[Mapping]) -> np.ndarray:
   """bool [N] from behavior.SetResult.records (or any [{"refused": bool}])."""
   return np.array([bool(r["refused"]) for r in records], dtype=bool)
+
+
+def stratified_refusal_labels(refused: np.ndarray, strata: np.ndarray, min_count: int) -> dict[str, dict]:
+  """Labels of the within-stratum refusal contrasts (refused = +1, complied = -1 inside the stratum, 0 elsewhere).
+
+  refused: bool [N]; strata: int [N] (+1 harmful, -1 harmless / XSTest-safe, 0 neither; see `STRATA`).
+  Returns {name: {"labels": int64 [N], "stratum", "n", "n_refused", "n_complied", "min_count", "estimable"}},
+  estimable = both sides have >= min_count prompts; a stratum that is not estimable still reports its
+  counts (e.g. an aligned model refuses every harmful prompt: no complied side to contrast).
+  """
+  refused, strata = np.asarray(refused, bool), np.asarray(strata)
+  if refused.shape != strata.shape:
+    raise ValueError(f"stratified_refusal_labels: refused {refused.shape} and strata {strata.shape} differ")
+  out = {}
+  for name, code in STRATA.items():
+    inside = strata == code
+    lab = np.where(inside, np.where(refused, 1, -1), 0).astype(np.int64)
+    n_ref, n_comp = int((lab == 1).sum()), int((lab == -1).sum())
+    out[name] = dict(labels=lab, stratum="harmful" if code == 1 else "harmless", n=int(inside.sum()),
+                     n_refused=n_ref, n_complied=n_comp, min_count=int(min_count),
+                     estimable=bool(min(n_ref, n_comp) >= max(int(min_count), 1)))
+  return out
+
+
+def matched_vectors(vectors: np.ndarray, scale: np.ndarray, rel_norm: float) -> np.ndarray:
+  """Unit carriers scaled to rel_norm x the activation norm at each layer: [L, D], [L] -> [L, D] float32.
+
+  scale [L]: a mean activation norm per layer (`activation_scale`), the *same* for every carrier
+  compared, so two carriers' matched vectors have equal norms at every layer whatever their own
+  norms, and only the direction differs. A zero carrier (`zero_carrier` against `scale`) gives a zero row.
+  """
+  v, sc = np.asarray(vectors, np.float64), np.asarray(scale, np.float64)
+  if v.ndim != 2 or sc.shape != v.shape[:1]:
+    raise ValueError(f"matched_vectors: expected vectors [L, D] and scale [L], got {v.shape} and {sc.shape}")
+  norms = np.linalg.norm(v, axis=-1)
+  dead = zero_carrier(norms, sc)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    u = np.where(dead[:, None], 0.0, v / norms[:, None])
+  return (u * (rel_norm * sc)[:, None]).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- persistence
@@ -423,5 +473,6 @@ __all__ = [
   "Carrier", "carrier_from_activations", "compute_carrier", "collect_inst_post", "refusal_labels", "save_carriers",
   "load_carriers",
   "SelectionConfig", "candidate_scores", "select_layer", "fallback_layer", "ablation_edit", "ZERO_RTOL",
-  "activation_scale", "zero_carrier", "zero_check_scores",
+  "activation_scale", "zero_carrier", "zero_check_scores", "REFUSAL_WITHIN_HARMFUL", "REFUSAL_WITHIN_HARMLESS",
+  "STRATA", "stratified_refusal_labels", "matched_vectors",
 ]

@@ -16,13 +16,21 @@ nats; `judges.refusal_score`), kl (KL(clean || edited) of the next token, nats;
 `sweeps.next_token_kl`), target_logprob and target_nll_per_token (of the batch's targets), plus the
 clean metrics as clean_*. Refusal scores of a prompt list under one edit: `behavior.refusal_scores`.
 
-Controls (`matched_controls`): random unit directions scaled to exactly the carrier's norm at each
-layer, independent across layers and seeds, so a control cell adds a vector of the same size at the
-same layer with the same coefficient, and only the direction differs.
+Controls: random directions scaled to exactly the carrier's norm at each layer, independent across
+layers and seeds, so a control cell adds a vector of the same size at the same layer with the same
+coefficient, and only the direction differs. Two kinds:
+  isotropic     (`matched_controls`) Gaussian directions, uniform on the sphere;
+  anisotropic   (`anisotropic_controls`) directions drawn from the activation covariance at that
+                layer, x = L z with z ~ N(0, I) and Sigma = L L^T, i.e. random directions in the data's
+                own geometry (a carrier beats these only if it is special among the directions the
+                activations actually use, not merely "in the high-variance subspace").
+`carriers.matched_vectors` puts carriers of different norms on one scale (unit direction x a norm
+relative to the activation norm at the layer) for the norm- and layer-matched comparison.
 
 Effect sizes (`effect_vs_controls`, `paired_difference`): differences of means over the same
 prompts, with paired bootstrap intervals (prompts resampled with replacement, the same resample
 for every condition).
+`z_score`: the carrier's effect in standard deviations of the control seeds' effects.
 """
 
 from __future__ import annotations
@@ -51,6 +59,38 @@ def matched_controls(key: jax.Array, vectors: jax.Array | np.ndarray, n: int) ->
   v = np.asarray(vectors, np.float64)
   r = np.asarray(jax.random.normal(key, (n, *v.shape), jnp.float32), np.float64)
   r /= np.linalg.norm(r, axis=-1, keepdims=True)
+  return (r * np.linalg.norm(v, axis=-1)[None, :, None]).astype(np.float32)
+
+
+def anisotropic_controls(key: jax.Array, x: np.ndarray, vectors: jax.Array | np.ndarray, n: int, *,
+                         groups: np.ndarray | None = None) -> np.ndarray:
+  """n random directions per layer drawn from the activation covariance, at the norm of `vectors` -> [n, L, D].
+
+  x [L, N, D]: activations at the carrier's layer and token. Per layer l, with Xc the centered
+  activations [N, D] and L_l = Xc^T / sqrt(N - 1) (so Sigma_l = L_l L_l^T is the sample covariance,
+  rank <= N - 1, no factorization needed), a control is L_l z with z ~ N(0, I_N), normalized (float64)
+  and scaled to ||vectors[l]||. groups [N] (optional, e.g. a carrier's +1/-1/0 labels): center each
+  group on its own mean, so Sigma is the within-group covariance and the carrier's own between-group
+  direction does not dominate the draws. Deterministic in `key`; float32 out.
+  """
+  x = np.asarray(x, np.float64)
+  if x.ndim != 3:
+    raise ValueError(f"anisotropic_controls: activations must be [L, N, D], got shape {x.shape}")
+  v = np.asarray(vectors, np.float64)
+  if v.shape != (x.shape[0], x.shape[2]):
+    raise ValueError(f"anisotropic_controls: vectors {v.shape} do not match activations [L, D] = "
+                     f"{(x.shape[0], x.shape[2])}")
+  g = np.zeros(x.shape[1], np.int64) if groups is None else np.asarray(groups)
+  if g.shape != (x.shape[1],):
+    raise ValueError(f"anisotropic_controls: groups {g.shape} do not match N = {x.shape[1]}")
+  xc = x.copy()
+  for val in np.unique(g):
+    xc[:, g == val] -= x[:, g == val].mean(1, keepdims=True)
+  z = np.asarray(jax.random.normal(key, (n, x.shape[0], x.shape[1]), jnp.float32), np.float64)
+  r = np.einsum("kln,lnd->kld", z, xc) / np.sqrt(max(x.shape[1] - 1, 1))
+  with np.errstate(invalid="ignore", divide="ignore"):  # a constant layer (e.g. layer 0 at a template token)
+    r /= np.linalg.norm(r, axis=-1, keepdims=True)
+  r = np.nan_to_num(r, nan=0.0)
   return (r * np.linalg.norm(v, axis=-1)[None, :, None]).astype(np.float32)
 
 
@@ -126,6 +166,17 @@ def ablation_sweep_prompts(model: LoadedModel, prompts: Sequence[str], direction
 # ----------------------------------------------------------------------------- effect sizes
 
 
+def z_score(treated: float, control_means: np.ndarray) -> float:
+  """(treated - mean(controls)) / std(controls) with ddof=1: the carrier in units of the control seeds'
+  spread. nan with fewer than 2 controls or when every control gives the same value (std 0)."""
+  c = np.asarray(control_means, np.float64).ravel()
+  if c.size < 2:
+    return float("nan")
+  sd = c.std(ddof=1)
+  return float((treated - c.mean()) / sd) if sd > 0 else float("nan")
+
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
                       level: float = 0.95) -> dict:
   """mean(a) - mean(b) over the same N prompts, with a paired bootstrap interval.
@@ -154,6 +205,7 @@ def effect_vs_controls(treated: np.ndarray, controls: np.ndarray, baseline: np.n
     delta, delta_low, delta_high        mean(treated) - mean(baseline) (when given)
     control_delta (+ low/high)          mean(controls) - mean(baseline)
     exceeds_all_controls                mean(treated) > every control seed's mean
+    control_std, z                      std over seeds of the control means (ddof=1) and `z_score`
   """
   t = np.asarray(treated, np.float64)
   c = np.atleast_2d(np.asarray(controls, np.float64))
@@ -161,7 +213,8 @@ def effect_vs_controls(treated: np.ndarray, controls: np.ndarray, baseline: np.n
   cm = c.mean(-1)
   out = dict(treated=float(t.mean()), control_mean=float(cm.mean()), control_max=float(cm.max()),
              control_min=float(cm.min()), effect=e["diff"], effect_low=e["low"], effect_high=e["high"],
-             exceeds_all_controls=bool(t.mean() > cm.max()), n_prompts=int(t.shape[-1]), n_controls=int(c.shape[0]))
+             exceeds_all_controls=bool(t.mean() > cm.max()), n_prompts=int(t.shape[-1]), n_controls=int(c.shape[0]),
+             control_std=float(cm.std(ddof=1)) if cm.size > 1 else float("nan"), z=z_score(float(t.mean()), cm))
   if baseline is not None:
     b = np.asarray(baseline, np.float64)
     d = paired_difference(t, b, n_boot=n_boot, seed=seed, level=level)

@@ -324,3 +324,25 @@ def subspace_coupling(xa: np.ndarray, la: np.ndarray, xb: np.ndarray, lb: np.nda
     out["p_value"] = np.where(np.isnan(out["overlap"]), np.nan, p)
   out["n_boot"], out["n_null"] = n_boot, n_null
   return out
+
+
+def stratified_coupling(xa: np.ndarray, la: np.ndarray, xb: np.ndarray, strata: dict, *,
+                        pooled: np.ndarray | None = None, **kw) -> dict[str, dict]:
+  """`coupling` of carrier A with each within-stratum refusal carrier (`carriers.stratified_refusal_labels`).
+
+  xa [L, N, D], la [N]: carrier A (harmfulness); xb [L, N, D]: activations of the refusal carriers;
+  strata: {name: {"labels", "n_refused", "n_complied", "estimable", ...}}; pooled [L, D] (optional):
+  the pooled behavioral refusal carrier, whose per-layer signed cosine with each stratum's carrier is
+  returned as "cos_pooled". kw: `coupling`'s resampling settings.
+  Returns {name: dict(the stratum's counts, estimable, coupling=coupling(...) or None when not estimable)}.
+  """
+  out = {}
+  for name, st in strata.items():
+    rec = {k: v for k, v in st.items() if k != "labels"}
+    rec["coupling"] = None
+    if st["estimable"]:
+      rec["coupling"] = coupling(xa, la, xb, st["labels"], **kw)
+      if pooled is not None:
+        rec["cos_pooled"] = per_layer_cosine(rec["coupling"]["carrier_b"], pooled)
+    out[name] = rec
+  return out
