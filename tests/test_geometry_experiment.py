@@ -43,7 +43,14 @@ def test_geometry_smoke_writes_section_and_resumes(tmp_path):
   rep = json.loads((wd / "report.json").read_text())
   sec = rep["sections"]["geometry"]
   assert set(sec["tables"]) >= {"carriers", "coupling_per_layer", "subspace_coupling", "logit_sweep",
-                                "causal_generation", "refusal_vs_harmfulness_side", "diagnostics", "selection"}
+                                "causal_generation", "refusal_vs_harmfulness_side", "diagnostics", "selection",
+                                "stratified_coupling", "matched_comparison"}
+  # The pool is disjoint from the safety SFT sets, and the section says so.
+  assert "harmful_train" in sec["notes"] and "safe_but_scary" in sec["notes"]
+  sets = json.loads((wd / "geometry" / "prompt_sets.json").read_text())
+  assert sets["training_overlap"]["excluded"] == ["harmful_train", "harmless_train", "safe_but_scary"]
+  strata = {row[0] for row in sec["tables"]["stratified_coupling"]["rows"]}
+  assert strata == {carriers.REFUSAL_WITHIN_HARMFUL, carriers.REFUSAL_WITHIN_HARMLESS}
   assert sec["summary"]["pool_refused"] >= 1
   assert len(sec["tables"]["coupling_per_layer"]["rows"]) == 30  # one pair x every layer
   diag = {row[1] for row in sec["tables"]["diagnostics"]["rows"]}
@@ -56,7 +63,8 @@ def test_geometry_smoke_writes_section_and_resumes(tmp_path):
   with np.load(wd / "geometry" / "coupling.npz", allow_pickle=False) as z:
     assert z["harmfulness-refusal/abs_cos"].shape == (30,)
   cells = [c for c in sorted((wd / "geometry" / "cells").iterdir()) if not c.name.endswith(keys.KEY_SUFFIX)]
-  assert len(cells) == 13  # 2 baselines, 2 + 1 ablations, (2 carriers x (1 + 1 control)) x 2 sets
+  # 2 baselines, 2 + 1 isotropic + 2 anisotropic ablations, (2 carriers x (1 + 1 + 1 anisotropic control)) x 2 sets
+  assert len(cells) == 19
   # Kill-and-resume, simulated: drop one finished cell; a re-run recomputes only that one.
   stamps = {c.name: c.stat().st_mtime_ns for c in cells}
   victim = "harmful__ablate_refusal.json"

@@ -26,14 +26,19 @@ def section_config() -> ml_collections.ConfigDict:
   c.batch_size = 16
   c.max_new_tokens = 32  # labelling, causal cells and diagnostics generations
   c.judge_prefixes = "jailbreakbench"
-  # Carrier pool.
-  c.harmful = "harmful_train"
-  c.n_harmful = 0  # 0 = all
-  c.harmless = "harmless_train"
+  # Carrier pool, disjoint from every training set of the model under study: pool, val and eval prompts
+  # found in these sets are dropped (case/whitespace-insensitively, recipes.drop_overlap) and the section
+  # says how many. Default: the safety SFT sets that made smollm2-135m-aligned (experiments/configs/
+  # safety_sft.py: harmful_train; a seeded sample of harmless_train, excluded whole; safe_but_scary).
+  c.exclude_training = ("harmful_train", "harmless_train", "safe_but_scary")
+  c.harmful = "advbench"  # 403 of its 520 rows are not in harmful_train
+  c.n_harmful = 260  # 0 = all (then nothing is left for eval_harmful, also AdvBench)
+  c.harmless = "harmless_val"
   c.n_harmless = 0  # 0 = as many as harmful prompts
   c.refusal_extra = ("xstest",)  # labelled only for the refusal carrier
   c.n_refusal_extra = 0  # per file; 0 = all
   c.min_refused = 8  # fewer refused (or complied) pool prompts: no behavioral refusal carrier
+  c.min_stratum = 8  # within-stratum refusal carriers: fewer refused or complied prompts -> not estimable
   # Coupling.
   c.n_boot = 1000
   c.n_null = 1000
@@ -52,7 +57,12 @@ def section_config() -> ml_collections.ConfigDict:
   c.candidate_layer_stride = 1  # evaluate every layer's carrier as a candidate (the ablation-per-layer curve)
   c.default_layer_fraction = 0.5  # layer used when select=False
   # Logit sweeps: signed coefficients in units of each carrier's own norm (c = 1: the raw carrier).
-  c.n_controls = 3  # matched random directions per carrier (seeds)
+  c.n_controls = 8  # matched random directions per carrier and control kind (seeds); z-scores need >= 2
+  # isotropic: uniform directions; anisotropic: drawn from the activation covariance at that layer
+  c.control_kinds = ("isotropic", "anisotropic")
+  # Norm- and layer-matched comparison: every carrier's unit direction at this fraction of the pool's mean
+  # activation norm (t_post_inst) at each sweep layer, times the sweep coefficients.
+  c.matched_rel_norm = 0.25
   c.sweep_layer_stride = 3
   c.sweep_prompts = 16
   c.harmful_coefficients = (-1.0, -2.0)  # subtract on harmful prompts (does refusal drop?)
@@ -89,6 +99,7 @@ def make_smoke(c: ml_collections.ConfigDict) -> None:
   c.n_harmless = 4
   c.n_refusal_extra = 4
   c.min_refused = 1
+  c.min_stratum = 1
   c.batch_size = 4
   c.max_new_tokens = 4
   c.n_boot = c.n_null = 20

@@ -3,16 +3,28 @@ behavioral diagnostics; returns the report's "geometry" section (lvs_jax.geometr
 Resumable step by step.
 
 Prompt sets (defaults; all bundled with the package, lvs_jax/prompts):
-  carrier pool     harmful_train (260) + an equal-size seeded sample of harmless_train, plus
+  carrier pool     260 AdvBench prompts + an equal-size seeded sample of harmless_val, plus
                    refusal-only extras (XSTest, safe and unsafe): the model's greedy generations on
-                   the whole pool label refused / complied for the refusal carrier
+                   the whole pool label refused / complied for the refusal carriers. Every pool, val and
+                   eval prompt that occurs in a training set of the model under study
+                   (cfg.exclude_training; default the safety SFT sets harmful_train, harmless_train,
+                   safe_but_scary) is dropped first (`recipes.drop_overlap`), so the anchor's carriers are
+                   not read on the prompts it was trained to refuse
   selection        n_val prompts of harmful_val and of harmless_val (refusal_direction's choice)
   causal eval      held-out harmful prompts (AdvBench rows not in the pool) and harmless_val rows not
                    used for selection
   diagnostics      harmful_val (+ the adversarial templates), XSTest safe, a harmless_val sample
 
+Stratified refusal carriers: refused vs complied within the harmful stratum and within the harmless /
+XSTest-safe stratum, each coupled to the harmfulness carrier (not estimable when a side has fewer
+than cfg.min_stratum prompts).
+
 Causal sweeps: logit add sweeps of every carrier (c x carrier, c in units of the carrier's own norm)
-and of matched random controls at every `sweep_layer_stride`-th layer, on the selection prompts;
+and of matched random controls (cfg.control_kinds: isotropic, and anisotropic = drawn from the
+activation covariance at that layer; cfg.n_controls seeds each, effects also as z-scores against the
+seeds) at every `sweep_layer_stride`-th layer, on the selection prompts; next to them the norm- and
+layer-matched comparison: every carrier's unit direction at cfg.matched_rel_norm x the pool's mean
+activation norm (t_post_inst) at the same layers, against controls of that norm;
 then generation cells on the held-out prompts: directional ablation of each carrier's selected
 direction (and of random directions), and c x carrier added at the carrier's best sweep layer
 (`gen_layer`), each against matched controls; effects with paired bootstrap intervals.
@@ -23,6 +35,7 @@ Files under `workdir/geometry/`:
   carriers.{npz,json}           the carriers with their selection metadata (carriers.save_carriers)
   selection_<carrier>.json      per-layer candidate scores
   coupling.npz, coupling.json   coupling statistics
+  coupling_strata.{npz,json}    within-stratum refusal carriers' coupling (and counts)
   sweep_<set>.npz               logit add sweeps (layers x coefficients x vectors x prompts)
   ablation_controls.npz         logit ablation of the random control directions
   cells/<set>__<cell>.json      one generation cell (completions, refusal flags, refusal scores)
@@ -50,6 +63,7 @@ from lvs_jax.geometry import section as geometry_section
 from lvs_jax.io import datasets as data
 from lvs_jax.io import files, keys
 from lvs_jax.report import store as report_lib
+from lvs_jax.training import recipes
 
 CARRIER_NAMES = (carriers.HARMFULNESS, carriers.REFUSAL, carriers.REFUSAL_HH)
 
@@ -76,37 +90,74 @@ def _norm(p: str) -> str:
   return " ".join(p.split()).casefold()
 
 
-def _take(path: str, n: int, seed: int, *, label=None, exclude=()) -> list[str]:
+def training_prompts(names) -> dict[str, list[str]]:
+  """{set name: prompts} of the training sets to exclude (bundled names or paths, `data.load_prompts`)."""
+  return {name: list(data.load_prompts(name)) for name in names}
+
+
+def drop_training(prompts: data.PromptSet, training: dict[str, list[str]]) -> tuple[data.PromptSet, int]:
+  """`prompts` without any that occur (case/whitespace-insensitively, `recipes.drop_overlap`) in a training
+  set -> (kept, number dropped)."""
+  if not training:
+    return prompts, 0
+  return recipes.drop_overlap(prompts, *training.values())
+
+
+def _take(path: str, n: int, seed: int, *, label=None, exclude=(), training=None, dropped=None,
+          name: str = "") -> data.PromptSet:
   ps = data.load_prompts(path, label=label)
+  ps, k = drop_training(ps, training or {})
+  if dropped is not None:
+    dropped[name] = dropped.get(name, 0) + k
   ex = {_norm(p) for p in exclude}
   keep = [i for i, p in enumerate(ps) if _norm(p) not in ex]
   ps = ps.take(keep)
   if n and n < len(ps):
     ps = data.sample(ps, n, seed=seed)
-  return list(ps)
+  return ps
 
 
-def prompt_sets(cfg) -> dict[str, list[str]]:
-  """Every prompt set of the audit (loaded before the model, so a bad path fails fast)."""
-  harmful = _take(cfg.harmful, cfg.n_harmful, cfg.seed)
-  harmless = _take(cfg.harmless, cfg.n_harmless or len(harmful), cfg.seed)
-  extras = []
+STRATUM_OF_LABEL = {"unsafe": 1, "safe": -1}  # XSTest labels -> pool strata (carriers.STRATA)
+
+
+def prompt_sets(cfg) -> dict:
+  """Every prompt set of the audit (loaded before the model, so a bad path fails fast): {name: [prompts]},
+  plus "extras_strata" (int per extra prompt: +1 XSTest unsafe, -1 XSTest safe, 0 unlabelled) and
+  "training_overlap" ({"excluded": [set names], "dropped": {set: prompts dropped}}: the pool, val and
+  eval prompts removed because a training set of the model under study contains them)."""
+  training, dropped = training_prompts(cfg.exclude_training), {}
+  kw = dict(training=training, dropped=dropped)
+  harmful = list(_take(cfg.harmful, cfg.n_harmful, cfg.seed, name="harmful", **kw))
+  harmless = list(_take(cfg.harmless, cfg.n_harmless or len(harmful), cfg.seed, name="harmless", **kw))
+  extras, strata = [], []
   for path in cfg.refusal_extra:
-    extras += _take(path, cfg.n_refusal_extra, cfg.seed, exclude=harmful + harmless + extras)
+    ps = _take(path, cfg.n_refusal_extra, cfg.seed, exclude=harmful + harmless + extras, name="extras", **kw)
+    extras += list(ps)
+    strata += [STRATUM_OF_LABEL.get(lab, 0) for lab in ps.labels] if ps.labels is not None else [0] * len(ps)
   pool = harmful + harmless + extras
-  val_h = _take(cfg.val_harmful, cfg.n_val, cfg.seed, exclude=pool)
-  hl = _take(cfg.val_harmless, cfg.n_val + cfg.n_eval, cfg.seed, exclude=pool)
-  eval_harmful = _take(cfg.eval_harmful, cfg.n_eval, cfg.seed, exclude=pool + val_h)
+  val_h = list(_take(cfg.val_harmful, cfg.n_val, cfg.seed, exclude=pool, name="val_harmful", **kw))
+  hl = list(_take(cfg.val_harmless, cfg.n_val + cfg.n_eval, cfg.seed, exclude=pool, name="val_eval_harmless", **kw))
+  eval_harmful = list(_take(cfg.eval_harmful, cfg.n_eval, cfg.seed, exclude=pool + val_h, name="eval_harmful", **kw))
   sets = dict(harmful=harmful, harmless=harmless, extras=extras, val_harmful=val_h, val_harmless=hl[:cfg.n_val],
               eval_harmful=eval_harmful, eval_harmless=hl[cfg.n_val:])
   if cfg.diagnostics:
-    sets["diag_harmful"] = _take(cfg.diag_harmful, cfg.diag_n_harmful, cfg.seed)
-    sets["diag_xstest_safe"] = _take(cfg.diag_xstest, cfg.diag_n_xstest, cfg.seed, label="safe")
-    sets["diag_harmless"] = _take(cfg.diag_harmless, cfg.diag_n_harmless, cfg.seed + 1)
+    sets["diag_harmful"] = list(_take(cfg.diag_harmful, cfg.diag_n_harmful, cfg.seed))
+    sets["diag_xstest_safe"] = list(_take(cfg.diag_xstest, cfg.diag_n_xstest, cfg.seed, label="safe"))
+    sets["diag_harmless"] = list(_take(cfg.diag_harmless, cfg.diag_n_harmless, cfg.seed + 1))
   for k, v in sets.items():
     if not v and not (k == "extras" and not cfg.refusal_extra):
-      raise ValueError(f"geometry audit: prompt set {k!r} is empty (check the config's paths and sizes)")
+      raise ValueError(f"geometry audit: prompt set {k!r} is empty (check the config's paths and sizes"
+                       + (f"; {dropped.get(k, 0)} of its prompts are in the excluded training sets "
+                          f"{list(cfg.exclude_training)}" if dropped.get(k) else "") + ")")
+  sets["extras_strata"] = strata
+  sets["training_overlap"] = dict(excluded=list(cfg.exclude_training), dropped=dropped)
   return sets
+
+
+def pool_strata(sets) -> np.ndarray:
+  """int [N] stratum of every pool prompt (`carriers.STRATA`): +1 harmful, -1 harmless / XSTest safe."""
+  return np.r_[np.ones(len(sets["harmful"])), -np.ones(len(sets["harmless"])),
+               np.asarray(sets["extras_strata"], float)].astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -230,10 +281,74 @@ def control_vectors(cs, n_controls: int, seed: int) -> dict[str, np.ndarray]:
           for i, (name, c) in enumerate(sorted(cs.items()))}
 
 
-def run_add_sweeps(model, cs, controls, sets, cfg, d: str) -> dict:
-  """Logit add sweeps on harmful (negative coefficients) and harmless (positive) prompts."""
+CONTROL_KINDS = ("isotropic", "anisotropic")
+
+
+def all_controls(cs, xs: dict, labels: dict, cfg) -> dict[str, dict[str, np.ndarray]]:
+  """{kind: {carrier: [K, L, D]}} for each of cfg.control_kinds, at each carrier's norm. Anisotropic
+  controls are drawn from the covariance of the carrier's own activations (its token, every pool
+  prompt of its contrast), centered within its groups (`causal.anisotropic_controls`)."""
+  bad = set(cfg.control_kinds) - set(CONTROL_KINDS)
+  if bad or "isotropic" not in cfg.control_kinds:
+    raise ValueError(f"control_kinds must include 'isotropic' and be among {CONTROL_KINDS}, got {cfg.control_kinds}")
+  out = {"isotropic": control_vectors(cs, cfg.n_controls, cfg.seed)}
+  if "anisotropic" in cfg.control_kinds:
+    key = jax.random.key(cfg.seed + 11)
+    out["anisotropic"] = {}
+    for i, (name, c) in enumerate(sorted(cs.items())):
+      used = labels[name] != 0
+      out["anisotropic"][name] = causal.anisotropic_controls(jax.random.fold_in(key, i), xs[name][:, used], c.vectors,
+                                                             cfg.n_controls, groups=labels[name][used])
+  return out
+
+
+def matched_set(cs, x_post: np.ndarray, labels: dict, cfg) -> dict[str, np.ndarray]:
+  """The norm- and layer-matched comparison's vectors: {"carriers": [nC, L, D] (sorted names), and per
+  control kind [K, L, D]}, all of norm cfg.matched_rel_norm x the pool's mean activation norm at
+  t_post_inst at every layer (`carriers.matched_vectors`)."""
   names = sorted(cs)
-  vecs = np.concatenate([np.stack([cs[n].vectors for n in names])] + [controls[n] for n in names])  # [nV, L, D]
+  scale = carriers.activation_scale(x_post)
+  out = {"carriers": np.stack([carriers.matched_vectors(cs[n].vectors, scale, cfg.matched_rel_norm) for n in names])}
+  ref = np.zeros(x_post.shape[::2], np.float32)
+  ref[:, 0] = cfg.matched_rel_norm * scale  # any vector of the matched norm: controls take only its norm
+  out["isotropic"] = causal.matched_controls(jax.random.key(cfg.seed + 13), ref, cfg.n_controls)
+  if "anisotropic" in cfg.control_kinds:
+    out["anisotropic"] = causal.anisotropic_controls(jax.random.key(cfg.seed + 17), x_post, ref, cfg.n_controls,
+                                                     groups=labels[carriers.HARMFULNESS])
+  return out
+
+
+def sweep_vectors(cs, controls: dict, matched: dict) -> tuple[np.ndarray, list[str], np.ndarray]:
+  """[nV, L, D] of every logit-sweep vector and its block layout: blocks in order "carriers" (sorted
+  names), "isotropic" (K per carrier, carrier by carrier), "anisotropic" (likewise, when drawn),
+  "matched" (one per carrier), "matched_isotropic" (K), "matched_anisotropic" (K, when drawn).
+  Returns (vectors, block names, [nBlocks, 2] start/stop)."""
+  names = sorted(cs)
+  blocks = [("carriers", np.stack([cs[n].vectors for n in names]))]
+  for kind in CONTROL_KINDS:
+    if kind in controls:
+      blocks.append((kind, np.concatenate([controls[kind][n] for n in names])))
+  blocks.append(("matched", matched["carriers"]))
+  for kind in CONTROL_KINDS:
+    if kind in matched:
+      blocks.append((f"matched_{kind}", matched[kind]))
+  sizes = np.cumsum([0] + [len(b) for _, b in blocks])
+  return (np.concatenate([b for _, b in blocks]).astype(np.float32), [k for k, _ in blocks],
+          np.stack([sizes[:-1], sizes[1:]], 1))
+
+
+def run_add_sweeps(model, cs, controls, sets, cfg, d: str, matched: dict | None = None) -> dict:
+  """Logit add sweeps on harmful (negative coefficients) and harmless (positive) prompts: every carrier,
+  its controls, and the matched comparison's vectors (`sweep_vectors`; `controls` = {kind: {carrier:
+  [K, L, D]}}, or {carrier: [K, L, D]} for isotropic controls only)."""
+  names = sorted(cs)
+  if controls and not isinstance(next(iter(controls.values())), dict):
+    controls = {"isotropic": controls}
+  if matched is None:
+    vecs = np.concatenate([np.stack([cs[n].vectors for n in names])] + [controls["isotropic"][n] for n in names])
+    block_names, bounds = ["carriers", "isotropic"], np.array([[0, len(names)], [len(names), len(vecs)]])
+  else:
+    vecs, block_names, bounds = sweep_vectors(cs, controls, matched)
   layers = np.arange(0, model.cfg.n_layers, cfg.sweep_layer_stride)
   ids = judges.refusal_token_ids(model.tokenizer)
   out = {}
@@ -242,7 +357,9 @@ def run_add_sweeps(model, cs, controls, sets, cfg, d: str) -> dict:
     path = os.path.join(d, f"sweep_{set_name}.npz")
     prompts = prompts[:cfg.sweep_prompts or len(prompts)]
     if keys.claim(path, "causal", model=keys.model_parts(model), prompts=prompts, vectors=keys.array_digest(vecs),
-                  config=dict(carriers=names, layers=layers.tolist(), coefficients=list(coefs))):
+                  config=dict(carriers=names, layers=layers.tolist(), coefficients=list(coefs),
+                              n_controls=cfg.n_controls, control_kinds=list(cfg.control_kinds),
+                              matched_rel_norm=cfg.matched_rel_norm, blocks=block_names)):
       out[set_name] = files.load_npz(path)
       continue
     t0 = time.time()
@@ -250,7 +367,8 @@ def run_add_sweeps(model, cs, controls, sets, cfg, d: str) -> dict:
                                    batch_size=cfg.batch_size, chunk=cfg.sweep_chunk)
     res = {k: np.asarray(v) for k, v in res.items()}
     res.update(layers=layers, coefficients=np.asarray(coefs, np.float32), carriers=np.asarray(names),
-               n_controls=np.asarray(cfg.n_controls), seconds=np.asarray(time.time() - t0))
+               n_controls=np.asarray(cfg.n_controls), seconds=np.asarray(time.time() - t0),
+               block_names=np.asarray(block_names), block_bounds=np.asarray(bounds))
     files.atomic_savez(path, **res)
     out[set_name] = res
   return out
@@ -292,12 +410,17 @@ def add_layers(cs, sweep_harmful: dict, cfg) -> dict[str, int]:
 def cell_specs(cs, cfg, layers: dict[str, int] | None = None) -> list[dict]:
   """Every generation cell: (set, name, kind, carrier, coefficient, control seed, layer)."""
   specs = [dict(set="harmful", name="baseline", kind="none"), dict(set="harmless", name="baseline", kind="none")]
-  K = cfg.n_controls
+  K, kinds = cfg.n_controls, getattr(cfg, "control_kinds", ("isotropic",))
   if cfg.ablate:
     for name, c in sorted(cs.items()):
       specs.append(dict(set="harmful", name=f"ablate_{name}", kind="ablate", carrier=name, layer=c.selected_layer))
     for k in range(K):
       specs.append(dict(set="harmful", name=f"ablate_control{k}", kind="ablate", carrier=None, seed=k))
+    if "anisotropic" in kinds:  # per carrier: drawn from its activations' covariance at its selected layer
+      for name, c in sorted(cs.items()):
+        for k in range(K):
+          specs.append(dict(set="harmful", name=f"ablate_{name}_acontrol{k}", kind="ablate", carrier=None, seed=k,
+                            control="anisotropic", control_of=name, layer=c.selected_layer))
   for set_name, coefs in (("harmful", cfg.gen_harmful_coefficients), ("harmless", cfg.gen_harmless_coefficients)):
     for coef in coefs:
       for name, c in sorted(cs.items()):
@@ -306,18 +429,28 @@ def cell_specs(cs, cfg, layers: dict[str, int] | None = None) -> list[dict]:
         specs.append(dict(base, name=f"add{coef:+g}_{name}"))
         for k in range(K):
           specs.append(dict(base, name=f"add{coef:+g}_{name}_control{k}", seed=k))
+        if "anisotropic" in kinds:
+          for k in range(K):
+            specs.append(dict(base, name=f"add{coef:+g}_{name}_acontrol{k}", seed=k, control="anisotropic"))
   return specs
 
 
 def cell_edit(spec, cs, controls, ablation_dirs, n_layers: int):
+  """The edit of one cell; controls = {kind: {carrier: [K, L, D]}} (or {carrier: [K, L, D]}: isotropic only)."""
+  if controls and not isinstance(next(iter(controls.values())), dict):
+    controls = {"isotropic": controls}
   if spec["kind"] == "none":
     return None
   if spec["kind"] == "ablate":
+    if spec.get("control") == "anisotropic":
+      d = controls["anisotropic"][spec["control_of"]][spec["seed"], spec["layer"]]
+      return edit_lib.ablate_directions(n_layers, jnp.asarray(d))
     if spec.get("carrier") is None:
       return edit_lib.ablate_directions(n_layers, jnp.asarray(ablation_dirs[spec["seed"]]))
     return carriers.ablation_edit(cs[spec["carrier"]], layer=spec["layer"])
   layer = spec["layer"]
-  vec = controls[spec["carrier"]][spec["seed"], layer] if "seed" in spec else cs[spec["carrier"]].vectors[layer]
+  vec = controls[spec.get("control", "isotropic")][spec["carrier"]][spec["seed"], layer] if "seed" in spec \
+      else cs[spec["carrier"]].vectors[layer]
   return edit_lib.add_vector(n_layers, layer, spec["coefficient"] * jnp.asarray(vec), site="resid_pre")
 
 
@@ -355,6 +488,7 @@ def cell_effects(cells, cs, cfg) -> list[dict]:
   prompts (induced refusal); and the logit refusal score.
   """
   K, rows = cfg.n_controls, []
+  aniso = "anisotropic" in getattr(cfg, "control_kinds", ("isotropic",))
   for set_name in ("harmful", "harmless"):
     base = cells[(set_name, "baseline")]
     groups = []
@@ -377,10 +511,17 @@ def cell_effects(cells, cs, cfg) -> list[dict]:
                                                                                        r["completions"])], float)
       u = causal.effect_vs_controls(sub(t), np.stack([sub(r) for r in cc]), sub(base), n_boot=cfg.n_boot_effects,
                                     seed=cfg.seed)
-      rows.append(dict(set=set_name, cell=cell, carrier=carrier, kind=kind, coefficient=coef,
-                       layer=t["spec"].get("layer"),
-                       outcome="attack_success" if set_name == "harmful" else "refusal",
-                       rate=e, score=s, substantive=u))
+      row = dict(set=set_name, cell=cell, carrier=carrier, kind=kind, coefficient=coef, layer=t["spec"].get("layer"),
+                 outcome="attack_success" if set_name == "harmful" else "refusal", rate=e, score=s, substantive=u,
+                 rate_aniso=None, score_aniso=None)
+      if aniso:  # the same cell against anisotropic controls (cell names: ..._acontrol{k})
+        ac = [cells[(set_name, f"{cell}_acontrol{k}")] for k in range(K)]
+        row["rate_aniso"] = causal.effect_vs_controls(outcome(t), np.stack([outcome(r) for r in ac]),
+                                                      n_boot=cfg.n_boot_effects, seed=cfg.seed)
+        row["score_aniso"] = causal.effect_vs_controls(np.asarray(t["refusal_score"]),
+                                                       np.stack([r["refusal_score"] for r in ac]),
+                                                       n_boot=cfg.n_boot_effects, seed=cfg.seed)
+      rows.append(row)
   return rows
 
 
@@ -421,6 +562,49 @@ def run_diagnostics(model, sets, cfg, d: str) -> dict:
       examples.append(dict(set=name, prompt=rec["prompt"][-300:], completion=rec["completion"], refused=rec["refused"]))
   summary["examples"] = examples
   return summary
+
+
+def run_stratified_coupling(model, sets, x_inst, x_post, labels, labelling, cs, cfg, d: str) -> dict:
+  """Harmfulness vs the within-stratum refusal carriers (`coupling.stratified_coupling`), cached in
+  coupling_strata.npz (keyed by the model, the pool, the stratum labels and the resampling settings) ->
+  {name: {counts, estimable, coupling (or None)}}."""
+  path = os.path.join(d, "coupling_strata.npz")
+  st = carriers.stratified_refusal_labels(labelling["refused"], pool_strata(sets), cfg.min_stratum)
+  pooled = cs[carriers.REFUSAL].vectors if carriers.REFUSAL in cs else None
+  if keys.claim(path, "coupling", model=keys.model_parts(model),
+                prompts=sets["harmful"] + sets["harmless"] + sets["extras"],
+                labels={n: v["labels"].tolist() for n, v in sorted(st.items())},
+                config=dict(what="strata", seed=cfg.seed, n_boot=cfg.n_boot, n_null=cfg.n_null,
+                            min_stratum=cfg.min_stratum, pooled=keys.array_digest(pooled) if pooled is not None
+                            else None)):
+    z = files.load_npz(path)
+    out = {}
+    for name, v in st.items():
+      rec = {k: vv for k, vv in v.items() if k != "labels"}
+      got = {k.split("/", 1)[1]: _scalar(a) for k, a in z.items() if k.startswith(name + "/")}
+      rec["cos_pooled"] = got.pop("cos_pooled", None)
+      rec["coupling"] = got or None
+      out[name] = rec
+    return out
+  t0 = time.time()
+  out = coupling.stratified_coupling(x_inst, labels[carriers.HARMFULNESS], x_post, st, pooled=pooled,
+                                     n_boot=cfg.n_boot, n_null=cfg.n_null, seed=cfg.seed)
+  logging.info("stratified coupling: %.1f s (%s)", time.time() - t0,
+               {n: (r["n_refused"], r["n_complied"], r["estimable"]) for n, r in out.items()})
+  arrays = {}
+  for name, rec in out.items():
+    for k, v in (rec["coupling"] or {}).items():
+      if not k.startswith("carrier"):
+        arrays[f"{name}/{k}"] = np.asarray(v)
+    if rec.get("cos_pooled") is not None:
+      arrays[f"{name}/cos_pooled"] = np.asarray(rec["cos_pooled"])
+  files.atomic_savez(path, **arrays)
+  _atomic_json(os.path.join(d, "coupling_strata.json"),
+               {n: {k: v for k, v in r.items() if k != "coupling"} for n, r in out.items()})
+  for rec in out.values():
+    if rec["coupling"] is not None:
+      rec["coupling"] = {k: _scalar(v) for k, v in rec["coupling"].items() if not k.startswith("carrier")}
+  return out
 
 
 # ----------------------------------------------------------------------------- run
@@ -473,10 +657,13 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
   coup = {k: {kk: _scalar(vv) for kk, vv in v.items()} for k, v in coup.items()}
   _atomic_json(os.path.join(d, "coupling.json"), {k: {kk: vv for kk, vv in v.items() if not kk.startswith("carrier")}
                                                   for k, v in coup.items()})
+  strata = run_stratified_coupling(model, sets, x_inst, x_post, labels, labelling, cs, cfg, d)
   # Causal sweeps.
-  controls = control_vectors(cs, cfg.n_controls, cfg.seed)
+  xs_c = {n: (x_inst if carriers.POOLING[n] == "last_instruction" else x_post) for n in cs}
+  controls = all_controls(cs, xs_c, labels, cfg)
+  matched = matched_set(cs, x_post, labels, cfg)
   t0 = time.time()
-  sw = run_add_sweeps(model, cs, controls, sets, cfg, d)
+  sw = run_add_sweeps(model, cs, controls, sets, cfg, d, matched)
   abl_ctrl = run_control_ablations(model, sets, cfg, d, max(cfg.n_controls, 1))
   logging.info("logit sweeps: %.1f s", time.time() - t0)
   t0 = time.time()
@@ -490,6 +677,7 @@ def run(model, cfg, workdir: str, model_name: str = "") -> report_lib.Section:
   diag = run_diagnostics(model, sets, cfg, d) if cfg.diagnostics else None
   logging.info("diagnostics: %.1f s", time.time() - t0)
   section = geometry_section.geometry_section(model_name or getattr(model, "name", ""), cs, labelling, coup, sub,
-                                              sw, abl_ctrl, effects, sides, diag, cfg, gen_layers)
+                                              sw, abl_ctrl, effects, sides, diag, cfg, gen_layers, strata=strata,
+                                              training_overlap=sets["training_overlap"])
   _atomic_json(os.path.join(d, "summary.json"), dict(summary=section.summary, effects=effects, sides=sides))
   return section

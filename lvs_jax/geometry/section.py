@@ -111,26 +111,47 @@ def _coupling_part(p: _Parts, coup: dict, sub: dict, n_layers: int, cfg) -> None
       "rows: first carrier's layer, columns: second carrier's layer"))
 
 
+def _blocks(res: dict, n_names: int, K: int) -> dict[str, tuple[int, int]]:
+  """The sweep's vector blocks {name: (start, stop)} (`audit.sweep_vectors`; older sweeps: carriers + isotropic)."""
+  if "block_names" in res:
+    return {str(n): (int(a), int(b)) for n, (a, b) in zip(res["block_names"], res["block_bounds"])}
+  return {"carriers": (0, n_names), "isotropic": (n_names, n_names + n_names * K)}
+
+
 def _sweeps_part(p: _Parts, names: list[str], sweeps_: dict, cfg) -> None:
   """Logit add sweeps: effect vs matched controls per (set, carrier, layer, coefficient), and one figure per set."""
   K = cfg.n_controls
   sw_rows = []
   for set_name, res in sweeps_.items():
     base = res["clean_refusal_score"]
+    blocks = _blocks(res, len(names), K)
     for li, layer in enumerate(res["layers"]):
       for ci, coef in enumerate(res["coefficients"]):
         for vi, n in enumerate(names):
           t = res["refusal_score"][li, ci, vi]
-          ctrl = res["refusal_score"][li, ci, len(names) + vi * K:len(names) + (vi + 1) * K]
+          a0 = blocks["isotropic"][0]
+          ctrl = res["refusal_score"][li, ci, a0 + vi * K:a0 + (vi + 1) * K]
           e = causal.effect_vs_controls(t, ctrl, base, n_boot=500, seed=cfg.seed)
-          sw_rows.append([set_name, n, int(layer), float(coef), e["delta"], e["control_delta"], e["effect"],
-                          e["effect_low"], e["effect_high"], float(res["kl"][li, ci, vi].mean())])
+          row = [set_name, n, int(layer), float(coef), e["delta"], e["control_delta"], e["effect"], e["effect_low"],
+                 e["effect_high"], e["z"]]
+          if "anisotropic" in blocks:
+            b0 = blocks["anisotropic"][0]
+            ea = causal.effect_vs_controls(t, res["refusal_score"][li, ci, b0 + vi * K:b0 + (vi + 1) * K], base,
+                                           n_boot=500, seed=cfg.seed)
+            row += [ea["control_delta"], ea["effect"], ea["effect_low"], ea["effect_high"], ea["z"]]
+          else:
+            row += [None] * 5
+          sw_rows.append(row + [float(res["kl"][li, ci, vi].mean())])
   p.tables.append(report_lib.Table("logit_sweep", ["set", "carrier", "layer", "coefficient", "refusal_delta",
                                                    "control_refusal_delta", "effect_vs_control", "ci95_low",
-                                                   "ci95_high", "kl"], sw_rows,
+                                                   "ci95_high", "z_vs_controls", "aniso_control_refusal_delta",
+                                                   "effect_vs_aniso_control", "aniso_ci95_low", "aniso_ci95_high",
+                                                   "z_vs_aniso_controls", "kl"], sw_rows,
                                    caption="Add c x carrier at resid_pre of one layer (c in units of the carrier's "
-                                   "own norm); controls: matched random directions of the same norm. Refusal deltas "
-                                   "in nats of refusal log-odds at the last prompt token."))
+                                   f"own norm); controls: {K} random directions of the same norm per kind, isotropic "
+                                   "and anisotropic (drawn from the within-group covariance of the carrier's "
+                                   "activations at that layer). z: (carrier - mean of control seeds) / their std. "
+                                   "Refusal deltas in nats of refusal log-odds at the last prompt token."))
   for set_name, res in sweeps_.items():
     ci = 0
     coef = float(res["coefficients"][ci])
@@ -147,6 +168,78 @@ def _sweeps_part(p: _Parts, names: list[str], sweeps_: dict, cfg) -> None:
       "Bands on controls: min..max over control seeds"))
 
 
+def _matched_part(p: _Parts, names: list[str], sweeps_: dict, cfg) -> None:
+  """The norm- and layer-matched comparison: unit carriers at one common norm per layer, same layers."""
+  K, rows = cfg.n_controls, []
+  for set_name, res in sweeps_.items():
+    blocks = _blocks(res, len(names), K)
+    if "matched" not in blocks:
+      continue
+    base, m0 = res["clean_refusal_score"], blocks["matched"][0]
+    for li, layer in enumerate(res["layers"]):
+      for ci, coef in enumerate(res["coefficients"]):
+        rs = res["refusal_score"][li, ci]
+        per = {}
+        for vi, n in enumerate(names):
+          t = rs[m0 + vi]
+          row = [set_name, n, int(layer), float(coef), float((t - base).mean())]
+          for kind in ("isotropic", "anisotropic"):
+            blk = blocks.get(f"matched_{kind}")
+            if blk is None:
+              row += [None, None]
+              continue
+            e = causal.effect_vs_controls(t, rs[blk[0]:blk[1]], base, n_boot=500, seed=cfg.seed)
+            row += [e["effect"], e["z"]]
+          per[n] = t
+          rows.append(row)
+        for ref in (carriers.REFUSAL, carriers.REFUSAL_HH):
+          if ref in per and carriers.HARMFULNESS in per:
+            d = causal.paired_difference(per[ref], per[carriers.HARMFULNESS], n_boot=500, seed=cfg.seed)
+            rows.append([set_name, f"{ref} - {carriers.HARMFULNESS}", int(layer), float(coef), d["diff"], d["low"],
+                         d["high"], None, None])
+            if set_name == "harmful" and ci == 0:
+              p.summary[f"matched/{ref}_minus_harmfulness/layer{int(layer)}"] = d["diff"]
+  if rows:
+    p.tables.append(report_lib.Table("matched_comparison", [
+      "set", "carrier", "layer", "coefficient", "refusal_delta", "effect_vs_iso_controls|diff_ci95_low",
+      "z_vs_iso_controls|diff_ci95_high", "effect_vs_aniso_controls", "z_vs_aniso_controls"], rows,
+      caption=f"Matched in norm and layer: each carrier's unit direction scaled to {cfg.matched_rel_norm:g} x the "
+      "pool's mean activation norm (t_post_inst) at that layer, added (x coefficient) at resid_pre of the same layer "
+      "for every carrier, against controls of that same norm. Rows 'refusal - harmfulness': paired difference of "
+      "refusal deltas (nats) with its 95% interval in the next two columns. Next to the own-norm, own-layer "
+      "comparison (refusal_vs_harmfulness_side)."))
+
+
+def _strata_part(p: _Parts, strata: dict | None, n_layers: int) -> None:
+  """Coupling of harmfulness with each within-stratum refusal carrier, or its counts when not estimable."""
+  if not strata:
+    return
+  rows = []
+  for name, r in strata.items():
+    c = r.get("coupling")
+    p.summary[f"strata/{name}/n_refused"] = r["n_refused"]
+    p.summary[f"strata/{name}/n_complied"] = r["n_complied"]
+    p.summary[f"strata/{name}/estimable"] = r["estimable"]
+    if c is None:
+      rows.append([name, r["stratum"], None, r["n_refused"], r["n_complied"],
+                   f"not estimable (< {r['min_count']} on a side)"] + [None] * 6)
+      continue
+    cp = r.get("cos_pooled")
+    for i in range(n_layers):
+      rows.append([name, r["stratum"], i, r["n_refused"], r["n_complied"], "estimable", c["abs_cos"][i],
+                   c["abs_cos_low"][i], c["abs_cos_high"][i], c["null_mean"][i], c["p_value"][i],
+                   None if cp is None else float(cp[i])])
+    ok = np.isfinite(c["abs_cos"])
+    p.summary[f"strata/{name}/max_abs_cos"] = float(np.nanmax(c["abs_cos"])) if ok.any() else None
+  p.tables.append(report_lib.Table("stratified_coupling", [
+    "carrier", "stratum", "layer", "n_refused", "n_complied", "status", "abs_cos_with_harmfulness", "ci95_low",
+    "ci95_high", "null_mean", "p_value", "cos_with_pooled_refusal"], rows,
+    caption="Refusal carriers estimated within one stratum (refused vs complied among harmful prompts; among "
+    "harmless and XSTest-safe prompts), so harmfulness is held fixed; |cos| with the harmfulness carrier per layer "
+    "(same bootstrap and null as coupling_per_layer). cos_with_pooled_refusal: signed cosine with the pooled "
+    "behavioral refusal carrier (refused vs complied over the whole pool)."))
+
+
 def _ablation_part(p: _Parts, cs, names: list[str], abl_ctrl: dict | None) -> None:
   """Ablation per layer (the selection scores) vs random-direction ablations."""
   cands = {n: cs[n].meta.get("selection", {}).get("candidates", []) for n in names}
@@ -159,6 +252,13 @@ def _ablation_part(p: _Parts, cs, names: list[str], abl_ctrl: dict | None) -> No
       title="Directional ablation at every layer"), f"clean: {float(abl_ctrl['clean_refusal_score'].mean()):.2f}"))
 
 
+def _aniso_cols(r: dict) -> list:
+  a, s = r.get("rate_aniso"), r.get("score_aniso")
+  if a is None:
+    return [None] * 6
+  return [a["control_mean"], a["effect"], a["effect_low"], a["effect_high"], a["z"], s["z"]]
+
+
 def _generation_part(p: _Parts, effects: list, cfg) -> None:
   """The generation cells' effects against matched controls (table, attack-success bars)."""
   erow = []
@@ -168,16 +268,19 @@ def _generation_part(p: _Parts, effects: list, cfg) -> None:
                  a["baseline"], a["treated"], a["control_mean"], a["effect"], a["effect_low"], a["effect_high"],
                  a["exceeds_all_controls"], u["baseline"], u["treated"], u["control_mean"], u["effect"],
                  u["effect_low"], u["effect_high"], s["delta"], s["control_delta"], s["effect"], s["effect_low"],
-                 s["effect_high"], a["n_prompts"]])
+                 s["effect_high"], a["z"], s["z"]] + _aniso_cols(r) + [a["n_prompts"]])
   p.tables.append(report_lib.Table("causal_generation", [
     "set", "cell", "carrier", "kind", "coefficient", "layer", "outcome", "baseline_rate", "rate", "control_rate",
     "effect_vs_control", "ci95_low", "ci95_high", "exceeds_all_controls", "baseline_substantive_answer",
     "substantive_answer", "control_substantive_answer", "substantive_effect", "substantive_ci95_low",
     "substantive_ci95_high", "score_delta", "control_score_delta", "score_effect", "score_ci95_low",
-    "score_ci95_high", "n"], erow,
+    "score_ci95_high", "z_vs_controls", "score_z_vs_controls", "aniso_control_rate", "effect_vs_aniso_control",
+    "aniso_ci95_low", "aniso_ci95_high", "z_vs_aniso_controls", "score_z_vs_aniso_controls", "n"], erow,
     caption=f"Greedy {cfg.max_new_tokens}-token generations under each intervention (ablate: the selected layer's "
     "direction projected out of every layer and site; add: c x carrier at resid_pre of its add_cell_layer, every "
-    f"position). Controls: {cfg.n_controls} matched random directions. Outcome on harmful prompts: attack success "
+    f"position). Controls: {cfg.n_controls} matched random directions per kind (isotropic; anisotropic = drawn from "
+    "the activation covariance at that layer); z = (carrier - mean of control seeds) / their std. "
+    "Outcome on harmful prompts: attack success "
     "(not judged a refusal); on harmless prompts: refusal. substantive_answer: not a refusal and >= 5 words (drops "
     "the empty/garbled text a broken model emits). Intervals: paired bootstrap over prompts."))
   if effects:
@@ -225,8 +328,19 @@ def _diagnostics_part(p: _Parts, diag: dict | None) -> None:
     ylabel="rate"), "95% Wilson intervals"))
 
 
-def _notes(model_name: str, cs, labelling, summary: dict, cfg) -> str:
-  return (
+def _notes(model_name: str, cs, labelling, summary: dict, cfg, training_overlap: dict | None = None,
+           strata: dict | None = None) -> str:
+  excl = ""
+  if training_overlap is not None:
+    ex = training_overlap.get("excluded") or []
+    excl = (f"Carrier pool disjoint from the training sets {ex} of the model under study: prompts dropped per set "
+            f"{training_overlap.get('dropped', {})}. " if ex else
+            "No training sets excluded from the carrier pool (config exclude_training is empty). ")
+  st = ""
+  for name, r in (strata or {}).items():
+    st += (f"{name}: {r['n_refused']} refused / {r['n_complied']} complied"
+           + ("" if r["estimable"] else f" (not estimable, < {r['min_count']} on a side)") + "; ")
+  return excl + (f"Within-stratum refusal carriers: {st}" if st else "") + (
     f"Model {model_name}. Carriers: resid_pre diff-in-means (float64 accumulation) over a pool of "
     f"{summary['pool_size']} prompts, of which {summary['pool_refused']} were refused in greedy "
     f"{cfg.max_new_tokens}-token generations ({labelling['by_set']}). "
@@ -241,21 +355,25 @@ def _notes(model_name: str, cs, labelling, summary: dict, cfg) -> str:
 
 def geometry_section(model_name: str, cs, labelling, coup: dict, sub: dict, sweeps_: dict, abl_ctrl: dict,
                      effects: list, sides: list, diag: dict | None, cfg,
-                     gen_layers: dict | None = None) -> report_lib.Section:
+                     gen_layers: dict | None = None, *, strata: dict | None = None,
+                     training_overlap: dict | None = None) -> report_lib.Section:
   """The "geometry" section from the audit's results: carriers {name: Carrier} (selection in meta),
   labelling (label_pool), coupling and subspace coupling {pair: stats}, logit sweeps {set: arrays},
   ablation controls, cell effects and side comparisons (cell_effects, side_comparison), diagnostics
-  (or None) and each carrier's add-cell layer."""
+  (or None) and each carrier's add-cell layer; strata (audit.run_stratified_coupling) and training_overlap
+  (prompt_sets()["training_overlap"]) when run."""
   p = _Parts()
   names = sorted(cs)
   _carriers_part(p, cs, labelling, gen_layers)
   _coupling_part(p, coup, sub, next(iter(cs.values())).n_layers, cfg)
+  _strata_part(p, strata, next(iter(cs.values())).n_layers)
   _sweeps_part(p, names, sweeps_, cfg)
+  _matched_part(p, names, sweeps_, cfg)
   _ablation_part(p, cs, names, abl_ctrl)
   _generation_part(p, effects, cfg)
   _sides_part(p, sides)
   _diagnostics_part(p, diag)
   return report_lib.Section(key="geometry", title="Safety geometry: harmfulness and refusal carriers",
                             summary=p.summary, tables=p.tables, figures=p.figs, headlines=p.headlines,
-                            examples=(diag or {}).get("examples", []), notes=_notes(model_name, cs, labelling,
-                                                                                     p.summary, cfg))
+                            examples=(diag or {}).get("examples", []),
+                            notes=_notes(model_name, cs, labelling, p.summary, cfg, training_overlap, strata))
