@@ -20,8 +20,11 @@ def main(argv):
   from lvs_jax.trajectory import section as traj_section
 
   audit.parse_runs(cfg.runs)  # a bad run path fails before any model loads
+  from lvs_jax.trajectory import measures
+
   rows, cells = audit.run(cfg, workdir)
-  cli.write_section(workdir, traj_section.section(rows, cfg, cells), runs=list(cfg.runs), dtype=cfg.dtype)
+  extra = measures.run_level(rows, cells, cfg, workdir)  # carrier ranks, correlations with transfer
+  cli.write_section(workdir, traj_section.section(rows, cfg, cells, extra), runs=list(cfg.runs), dtype=cfg.dtype)
 
 
 if __name__ == "__main__":

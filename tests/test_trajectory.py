@@ -13,7 +13,7 @@ from test_training_experiments import jax_cache, tiny_chat_model  # noqa: F401 (
 
 from lvs_jax.attacks import test_cases
 from lvs_jax.io import checkpoints, registry
-from lvs_jax.trajectory import audit
+from lvs_jax.trajectory import audit, measures
 from lvs_jax.trajectory import section as traj_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +57,18 @@ def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_t
     assert 0.0 <= x["refusal/harmful"]["low"] <= x["refusal/harmful"]["rate"] <= x["refusal/harmful"]["high"] <= 1.0
     assert x["seconds_per_step"] > 0
   assert rows[0]["digest"] != rows[2]["digest"]  # training moved the weights
+  for x in rows:  # geometry over the behavioral pool (3 harmful + 2 harmless), drift relative to step 0
+    pool = x["geometry/pool"]
+    assert pool["n"] + pool["excluded"] == 5 and pool["n_refused"] + pool["n_complied"] == pool["n"]
+    assert pool["estimable"] == (min(pool["n_harmful"], pool["n_harmless"], pool["n_refused"], pool["n_complied"]) > 0)
+    assert (x["coupling/peak"]["value"] is not None) == pool["estimable"]  # None when no refusal carrier
+    assert x["drift/angle"]["n"] == 16 and (x["drift/angle"]["value"] == 0.0) == (x["step"] == 0)
+  assert rows[0]["drift/probe_auc"] == rows[3]["drift/probe_auc"]  # both runs' step 0: one probe, one AUC
+  assert not rows[0]["drift/alarm"]["fired"]
+  extra = measures.run_level(rows, [], cfg, str(wd))
+  assert {(c["run"], c["x"]) for c in extra["correlations"] if c["y"] == "fresh GCG ASR"} == {
+    (a, m) for a in "ab" for m in ("coupling/peak", "coupling/mean", "drift/angle")}
+  assert all(c["n"] <= 3 for c in extra["correlations"])
   # Re-run: everything is reused (same rows, no new model directories, no stale artefacts moved aside).
   again, cells_again = audit.run(cfg, str(wd))
   strip = lambda rs: [{k: v for k, v in x.items() if not k.endswith("_seconds")} for x in rs]  # noqa: E731
@@ -80,8 +92,10 @@ def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_t
   with pytest.raises(ValueError, match=r"\['c@0'\] are not evaluated"):
     audit.transfer_sources(rows, _with_sources(cfg, ("c@0",)), str(wd))
 
-  sec = traj_section.section(rows, cfg, cells)
-  assert [f.name for f in sec.figures] == ["refusal_harmful", "asr_gcg_s1", "refusal_harmless", "transfer"]
+  sec = traj_section.section(rows, cfg, cells, measures.run_level(rows, cells, cfg, str(wd)))
+  assert [f.name for f in sec.figures] == ["refusal_harmful", "asr_gcg_s1", "refusal_harmless", "coupling_peak",
+                                           "coupling_mean", "drift_angle", "drift_probe_auc", "transfer"]
+  assert "correlation" in [t.name for t in sec.tables]
   assert len(sec.tables[0].rows) == 6 and sec.summary["a@4/refusal/harmful"] == rows[2]["refusal/harmful"]["rate"]
   assert len(sec.tables[1].rows) == 36
 

@@ -35,6 +35,7 @@ from lvs_jax.attacks import test_cases as tc_lib
 from lvs_jax.evals import stats
 from lvs_jax.io import checkpoints, files, keys
 from lvs_jax.training import core as training
+from lvs_jax.trajectory import measures
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -59,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   # evaluated checkpoint) and external files (JailbreakBench artifacts, HarmBench test_cases.json), each
   # evaluated against every evaluated checkpoint.
   c.transfer = dict(enabled=True, sources=(), external=())
+  c.geometry = measures.default_geometry_config()  # carriers + coupling per checkpoint (lvs_jax.trajectory.measures)
+  c.drift = measures.default_drift_config()  # embedding drift relative to each run's step 0
   return c
 
 
@@ -68,6 +71,7 @@ def make_smoke(c: ml_collections.ConfigDict) -> None:
   attack_audit.make_smoke(c.attack)
   c.attack.methods = ("gcg",)
   c.attack.gcg_budgets = (1,)
+  measures.make_smoke(c)
 
 
 def parse_runs(runs: Sequence[str]) -> list[tuple[str, str]]:
@@ -159,18 +163,48 @@ def run(cfg, workdir: str, load_model=None) -> tuple[list[dict], list[dict]]:
   root = os.path.join(workdir, "trajectory")
   files.makedirs(os.path.join(root, "models"))
   done: dict[str, dict] = {}  # weights digest -> measures (step 0 of two runs from one start: one evaluation)
+  geo_train = measures.training_prompts(cfg.geometry.exclude) if cfg.geometry.enabled else set()
+  probe = measures.probe_prompts(cfg, measures.training_prompts(cfg.drift.exclude)) if cfg.drift.enabled else None
+  emb: dict[str, np.ndarray] = {}  # weights digest -> drift embeddings [N, D]
   rows = []
   for label, path, step in plan:
     model = load_model(f"{path}@{step}")
     digest = keys.model_parts(model)["weights"]
+    model_dir = os.path.join(root, "models", digest[:16])
     if digest not in done:
       logging.info("trajectory: evaluating %s@%d (weights %s)", label, step, digest[:12])
-      done[digest] = evaluate_model(model, sets, cfg, os.path.join(root, "models", digest[:16]))
+      done[digest] = evaluate_model(model, sets, cfg, model_dir)
+      if cfg.geometry.enabled:
+        done[digest].update(measures.model_geometry(model, sets, cfg, model_dir, geo_train))
+      if probe:
+        emb[digest] = measures.model_embeddings(model, probe[0], cfg, model_dir)
     rows.append(dict(run=label, path=os.path.abspath(path), step=step, digest=digest,
                      seconds_per_step=seconds_per_step(path), **done[digest]))
     files.atomic_write_json(os.path.join(root, "rows.json"), rows, indent=1)
+  if probe:
+    add_drift(rows, runs, probe, emb, cfg, root, load_model)
+    files.atomic_write_json(os.path.join(root, "rows.json"), rows, indent=1)
   cells = run_transfer(cfg, workdir, rows, load_model) if cfg.transfer.enabled else []
   return rows, cells
+
+
+def add_drift(rows: list[dict], runs, probe: tuple[list[str], np.ndarray], emb: dict, cfg, root: str,
+              load_model) -> None:
+  """Adds "drift/angle", "drift/probe_auc" and "drift/alarm" to every row, relative to step 0 of its run
+  (step 0 is embedded even when it is not among the evaluated steps; it must be committed)."""
+  for label, path in runs:
+    rr = [r for r in rows if r["run"] == label]
+    zero = next((r["digest"] for r in rr if r["step"] == 0), None)
+    if zero is None:
+      if 0 not in checkpoints.committed_steps(os.path.join(path, "checkpoints")):
+        raise ValueError(f"{path}: drift is measured relative to step 0, which is not a committed checkpoint")
+      model = load_model(f"{path}@0")
+      zero = keys.model_parts(model)["weights"]
+      if zero not in emb:
+        emb[zero] = measures.model_embeddings(model, probe[0], cfg, os.path.join(root, "models", zero[:16]))
+    ref = measures.StepZero(emb[zero], probe[1], cfg.drift)
+    for r in rr:
+      r.update(ref.compare(emb[r["digest"]]))
 
 
 # ----------------------------------------------------------------------------- sparse transfer matrix

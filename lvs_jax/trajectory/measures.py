@@ -176,7 +176,7 @@ def model_geometry(model, sets: Mapping[str, Sequence[str]], cfg, model_dir: str
   if keys.claim(path, "trajectory_geometry", **parts):
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  nan = dict(value=float("nan"), low=float("nan"), high=float("nan"))
+  nan = dict(value=None, low=None, high=None)  # None, not nan: rows compare equal after a JSON round trip
   estimable = min(info["n_harmful"], info["n_harmless"], info["n_refused"], info["n_complied"]) > 0
   out = {"geometry/pool": dict(info, estimable=estimable)}
   if estimable:
@@ -346,9 +346,8 @@ def transfer_asr(rows: Sequence[Mapping], cells: Sequence[Mapping]) -> dict[tupl
 
 
 def _value(m) -> float:
-  if not isinstance(m, Mapping):
-    return float("nan")
-  return float(m.get("value", m.get("rate", float("nan"))))
+  v = m.get("value", m.get("rate")) if isinstance(m, Mapping) else None
+  return float("nan") if v is None else float(v)
 
 
 def correlations(rows: Sequence[Mapping], cells: Sequence[Mapping]) -> list[dict]:

@@ -16,7 +16,19 @@ MEASURES = (
   ("asr/gcg", "GCG ASR (fresh, against this checkpoint)", "lower is more robust"),
   ("refusal/xstest_safe", "XSTest safe refused", "exaggerated safety: lower is better"),
   ("refusal/harmless", "harmless refused", "1 - benign compliance: lower is better"),
+  ("coupling/peak", "H/R coupling at the peak layer", "|cos| of harmfulness and refusal carriers"),
+  ("coupling/mean", "H/R coupling, mean over layers", "|cos| of harmfulness and refusal carriers"),
+  ("drift/angle", "drift angle to step 0", "mean over probe prompts, degrees"),
+  ("drift/probe_auc", "AUC of the step-0 probe", "harmful vs harmless, held-out split"),
 )
+UNITS = {"coupling/peak": "|cos|", "coupling/mean": "|cos|", "drift/angle": "degrees", "drift/probe_auc": "AUC"}
+
+
+def _v(m, field="rate"):
+  """A measure's value (rates: "rate"; coupling and drift: "value") or its low/high/n; None when absent."""
+  if not isinstance(m, Mapping):
+    return None
+  return m.get("value", m.get("rate")) if field == "rate" else m.get(field)
 
 
 def measure_keys(rows: Sequence[Mapping]) -> list[tuple[str, str, str]]:
@@ -47,7 +59,32 @@ def transfer_parts(cells: Sequence[Mapping]) -> tuple[list[report_lib.Figure], l
   return [fig], [table]
 
 
-def section(rows: Sequence[Mapping], cfg, cells: Sequence[Mapping] = ()) -> report_lib.Section:
+def run_level_tables(run_level: Mapping | None) -> list[report_lib.Table]:
+  """The effective-rank table and the correlation table (`lvs_jax.trajectory.measures.run_level`)."""
+  if not run_level:
+    return []
+  out = []
+  if run_level.get("ranks"):
+    out.append(report_lib.Table("carrier_rank", ["run", "family", "checkpoints", "layer", "effective rank",
+                                                 "mean over layers"],
+                                [[r["run"], r["family"], r["k"], r["layer"], r["rank"], r["mean_over_layers"]]
+                                 for r in run_level["ranks"]],
+                                caption="Effective rank (exp of the entropy of the normalized singular values) of "
+                                "each carrier family's unit carriers stacked across a run's checkpoints, at the run's "
+                                "layer of highest mean coupling (1 = one direction throughout)."))
+  if run_level.get("correlations"):
+    out.append(report_lib.Table("correlation", ["run", "measure", "against", "Spearman rho", "n (few points)",
+                                                "tracks transfer better"],
+                                [[c["run"], c["x"], c["y"], c["rho"], c["n"], c.get("better_for_transfer", "")]
+                                 for c in run_level["correlations"]],
+                                caption="Spearman rank correlation across the checkpoints of each run (few points: "
+                                "read n). Transfer ASR = pooled ASR of every other source's test cases against the "
+                                "checkpoint (its own cases excluded)."))
+  return out
+
+
+def section(rows: Sequence[Mapping], cfg, cells: Sequence[Mapping] = (),
+            run_level: Mapping | None = None) -> report_lib.Section:
   measures = measure_keys(rows)
   runs = list(dict.fromkeys(r["run"] for r in rows))
   figs = []
@@ -56,12 +93,14 @@ def section(rows: Sequence[Mapping], cfg, cells: Sequence[Mapping] = ()) -> repo
     for run in runs:
       rr = sorted((r for r in rows if r["run"] == run and key in r), key=lambda r: r["step"])
       x = np.array([r["step"] for r in rr], float)
-      y = np.array([r[key]["rate"] for r in rr], float)
+      y = np.array([_v(r[key]) for r in rr], float)
       series[run] = (x, y)
-      errors[run] = np.stack([y - [r[key]["low"] for r in rr], [r[key]["high"] for r in rr] - y])
+      errors[run] = np.nan_to_num(np.stack([y - np.array([_v(r[key], "low") for r in rr], float),
+                                            np.array([_v(r[key], "high") for r in rr], float) - y]))
     name = key.replace("/", "_").replace("@", "_s")
     figs.append(report_lib.Figure(name, charts.line_chart(None, series, errors, xlabel="training step",
-                                                          ylabel="rate", title=f"{label} ({guide})"), label))
+                                                          ylabel=UNITS.get(key, "rate"), title=f"{label} ({guide})"),
+                                  label))
   cols = ["run", "step", "seconds_per_step"]
   for key, _, _ in measures:
     cols += [key, f"{key} low", f"{key} high", f"{key} n"]
@@ -70,7 +109,7 @@ def section(rows: Sequence[Mapping], cfg, cells: Sequence[Mapping] = ()) -> repo
     row = [r["run"], r["step"], r["seconds_per_step"]]
     for key, _, _ in measures:
       m = r.get(key) or {}
-      row += [m.get("rate"), m.get("low"), m.get("high"), m.get("n")]
+      row += [_v(m), m.get("low"), m.get("high"), m.get("n")]
     table_rows.append(row)
   table = report_lib.Table("trajectory", cols, table_rows,
                            caption="Every measure at every evaluated checkpoint (rates with 95% Wilson intervals).")
@@ -79,7 +118,7 @@ def section(rows: Sequence[Mapping], cfg, cells: Sequence[Mapping] = ()) -> repo
   for run, r in last.items():
     for key, _, _ in measures:
       if key in r:
-        summary[f"{run}@{r['step']}/{key}"] = r[key]["rate"]
+        summary[f"{run}@{r['step']}/{key}"] = _v(r[key])
   a = cfg.attack
   paths = {run: r["path"] for run, r in last.items()}
   sets = ", ".join(f"{k}: {v['path']} (n={v.get('n') or 'all'})" for k, v in cfg.sets.items())
@@ -90,6 +129,17 @@ def section(rows: Sequence[Mapping], cfg, cells: Sequence[Mapping] = ()) -> repo
            f"{', '.join(map(str, a.gcg_budgets))} steps, width {a.gcg.search_width}, top-k {a.gcg.topk}; ASR = "
            "greedy completion not refused. Checkpoints with identical weights (a run's step 0 is its base model) "
            "are evaluated once.")
+  if cfg.get("geometry") and cfg.geometry.enabled:
+    notes += (f" Geometry: harmfulness carrier ({', '.join(cfg.geometry.harmful)} vs {', '.join(cfg.geometry.harmless)}"
+              f" at the last instruction token) and refusal carrier (refused vs complied by that checkpoint's own "
+              f"generations, last prompt token) over the behavioral sets, prompts of {', '.join(cfg.geometry.exclude)} "
+              f"(the runs' training sets) dropped; coupling = |cos| per layer, {cfg.geometry.n_boot} bootstrap "
+              "resamples within the label strata.")
+  if cfg.get("drift") and cfg.drift.enabled:
+    d = cfg.drift
+    notes += (f" Drift: {d.pooling}-pooled {d.site} embeddings at layer {d.layer} of {d.harmful['path']} vs "
+              f"{d.harmless['path']} prompts (training prompts dropped), relative to the run's step 0: mean angle, "
+              f"AUC of a logistic probe fitted at step 0 on its test split, the {d.statistic} alarm (alpha {d.alpha}).")
   tfigs, ttables = transfer_parts(cells)
   return report_lib.Section(key="trajectory", title="Checkpoint trajectories", summary=summary,
-                            tables=[table, *ttables], figures=figs + tfigs, notes=notes)
+                            tables=[table, *ttables, *run_level_tables(run_level)], figures=figs + tfigs, notes=notes)
