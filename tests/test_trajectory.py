@@ -103,10 +103,12 @@ def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_t
   env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax_cache)
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "trajectory.py"),
          f"--config={os.path.join(ROOT, 'experiments', 'configs', 'trajectory.py')}:smoke", f"--workdir={wd}",
-         f"--config.runs=('a={run}', 'b={run}')", "--config.steps=(0, 4)"]
+         f"--config.runs=('a={run}', 'b={run}')", "--config.steps=(0, 4)", "--config.geometry.enabled=False",
+         "--config.drift.enabled=False"]  # the switches; both measures ran in-process above
   p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
   report = json.loads((wd / "report.json").read_text())
   assert len(report["sections"]["trajectory"]["tables"]["trajectory"]["rows"]) == 4
   assert len(report["sections"]["trajectory"]["tables"]["transfer"]["rows"]) == 4 * 4
   assert (wd / "report.html").exists()
+  assert "coupling_peak" not in json.dumps(report["sections"]["trajectory"]["figures"])

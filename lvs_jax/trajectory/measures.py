@@ -12,9 +12,9 @@ Per evaluated checkpoint (cached in its model directory, keyed by content):
              (`lvs_jax.geometry.coupling.coupling`, bootstrap over prompts within the label strata);
              reported at the peak layer (that layer's interval) and as the mean over layers (a bootstrap
              of the layer mean with the same stratified resampling). A checkpoint that refuses all or none
-             of the pool has no refusal carrier: its coupling is nan with the counts saying why.
-  drift      mean-pooled `resid_post` embeddings of a fixed probe set (harmful_val vs harmless_val,
-             both disjoint from the runs' training sets) at one layer (default: the last), compared with
+             of the pool has no refusal carrier: its coupling is None with the counts saying why.
+  drift      mean-pooled `resid_post` embeddings of a fixed probe set (harmful_val + XSTest unsafe vs
+             harmless_val, all disjoint from the runs' training sets) at one layer (default: the last), compared with
              step 0 of the same run: mean angle (degrees) between each prompt's embedding and its step-0
              embedding; ROC-AUC of a logistic probe trained on step 0's fit split (`drift.probes.fit`)
              applied to the checkpoint's test split; the label-free alarm (`drift.alarm`) of the
@@ -51,7 +51,10 @@ def default_geometry_config() -> dict:
 
 
 def default_drift_config() -> dict:
-  return dict(enabled=True, harmful=dict(path="harmful_val", n=0), harmless=dict(path="harmless_val", n=39),
+  # Probe set: harmful_val (39) + XSTest unsafe (200) vs 239 seeded harmless_val prompts (small sets leave the
+  # step-0 probe near chance).
+  return dict(enabled=True, harmful=(dict(path="harmful_val", n=0), dict(path="xstest", label="unsafe", n=0)),
+              harmless=(dict(path="harmless_val", n=239),),
               exclude=("advbench", "harmless_train"), layer=-1, pooling="mean", site="resid_post",
               test_fraction=0.5, val_fraction=0.25, n_boot=200, statistic="residual", k=8, alpha=0.05,
               n_perm=200, seed=0, batch_size=16)
@@ -59,8 +62,8 @@ def default_drift_config() -> dict:
 
 def make_smoke(c: ml_collections.ConfigDict) -> None:
   c.geometry.n_boot = 20
-  c.drift.harmful.n = 8
-  c.drift.harmless.n = 8
+  c.drift.harmful = (dict(path="harmful_val", n=8),)
+  c.drift.harmless = (dict(path="harmless_val", n=8),)
   c.drift.n_boot = 20
   c.drift.k = 2
   c.drift.n_perm = 20
@@ -219,11 +222,12 @@ def probe_prompts(cfg, train: set[str]) -> tuple[list[str], np.ndarray]:
 
   d = cfg.drift
   prompts, y = [], []
-  for label, s in ((1, d.harmful), (0, d.harmless)):
-    ps = data.load_prompts(s["path"], label=s.get("label"))
-    ps = [p for p in (data.sample(ps, s["n"], seed=d.seed) if s.get("n") else ps) if _fold(p) not in train]
-    prompts += ps
-    y += [label] * len(ps)
+  for label, specs in ((1, d.harmful), (0, d.harmless)):
+    for s in specs:
+      ps = data.load_prompts(s["path"], label=s.get("label"))
+      ps = [p for p in (data.sample(ps, s["n"], seed=d.seed) if s.get("n") else ps) if _fold(p) not in train]
+      prompts += ps
+      y += [label] * len(ps)
   return prompts, np.asarray(y, np.int32)
 
 

@@ -137,8 +137,10 @@ def section(rows: Sequence[Mapping], cfg, cells: Sequence[Mapping] = (),
               "resamples within the label strata.")
   if cfg.get("drift") and cfg.drift.enabled:
     d = cfg.drift
-    notes += (f" Drift: {d.pooling}-pooled {d.site} embeddings at layer {d.layer} of {d.harmful['path']} vs "
-              f"{d.harmless['path']} prompts (training prompts dropped), relative to the run's step 0: mean angle, "
+    sets = [" + ".join(f"{x['path']}{'/' + x['label'] if x.get('label') else ''} (n={x.get('n') or 'all'})" for x in xs)
+            for xs in (d.harmful, d.harmless)]
+    notes += (f" Drift: {d.pooling}-pooled {d.site} embeddings at layer {d.layer} of {sets[0]} vs "
+              f"{sets[1]} prompts (training prompts dropped), relative to the run's step 0: mean angle, "
               f"AUC of a logistic probe fitted at step 0 on its test split, the {d.statistic} alarm (alpha {d.alpha}).")
   tfigs, ttables = transfer_parts(cells)
   return report_lib.Section(key="trajectory", title="Checkpoint trajectories", summary=summary,
