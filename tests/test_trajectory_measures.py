@@ -156,3 +156,29 @@ def test_transfer_asr_excludes_own_cases_and_correlations_name_the_better_summar
   assert corr[("coupling/peak", "transfer ASR")]["rho"] == pytest.approx(-0.8)
   assert corr[("drift/angle", "fresh GCG ASR")]["n"] == 4
   assert corr[("drift/angle", "transfer ASR")]["better_for_transfer"] == "drift/angle"
+
+
+def test_run_level_ranks_each_family_at_the_peak_coupling_layer_and_skips_checkpoints_without_carriers(tmp_path):
+  rng = np.random.default_rng(5)
+  e = _orth(rng, 8, 3)
+  rows = []
+  for step in range(4):
+    dg = f"{step:016d}"
+    d = tmp_path / "trajectory" / "models" / dg
+    d.mkdir(parents=True)
+    # Layer 1 couples most; harmfulness is one direction throughout, refusal turns half-way (rank 2).
+    harm = np.stack([e[0], e[0]])
+    ref = np.stack([e[1], e[1] if step < 2 else e[2]])
+    np.savez(d / "geometry.npz", harmfulness=harm, refusal=ref, abs_cos=np.array([0.1, 0.5]))
+    rows.append(dict(run="r", step=step, digest=dg, **{"coupling/peak": dict(value=0.5)}))
+  np.savez(tmp_path / "trajectory" / "models" / f"{3:016d}" / "geometry.npz", harmfulness=np.stack([e[2], e[2]]),
+           refusal=np.stack([e[0], e[0]]), abs_cos=np.array([0.9, 0.1]))  # stale: its row has no carrier
+  rows[3]["coupling/peak"] = dict(value=None)
+  cfg = ml_collections.ConfigDict(dict(geometry=measures.default_geometry_config()))
+  out = measures.run_level(rows, [], cfg, str(tmp_path))
+  got = {r["family"]: r for r in out["ranks"]}
+  assert got["harmfulness"]["layer"] == 1 and got["harmfulness"]["k"] == 3
+  assert got["harmfulness"]["rank"] == pytest.approx(1.0, abs=1e-6)
+  p = np.array([np.sqrt(2), 1.0]) / (1 + np.sqrt(2))  # singular values of [e1, e1, e2]: sqrt(2), 1
+  assert got["refusal"]["rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))  # ~1.98: two directions
+  assert (tmp_path / "trajectory" / "run_level.json").exists()

@@ -1,7 +1,10 @@
 r"""Checkpoint trajectories (lvs_jax/trajectory/audit.py): per checkpoint, refusal on held-out harmful_val (39),
 benign refusal on 100 seeded harmless_val prompts, XSTest safe refusal on 100 seeded safe prompts (greedy 64
 tokens, JailbreakBench substring judge), and a fresh GCG attack against that checkpoint: the first 8
-harmful_val prompts, 10 steps, width 64, top-k 64 (CPU-sized; HarmBench: 500 steps at width 512).
+harmful_val prompts, 10 steps, width 64, top-k 64 (CPU-sized; HarmBench: 500 steps at width 512). Geometry
+(cfg.geometry): harmfulness/refusal carriers and their coupling per layer over the behavioral sets (AdvBench and
+harmless_train prompts dropped); drift (cfg.drift): last-layer mean-pooled embeddings of harmful_val + XSTest
+unsafe vs 239 harmless_val prompts relative to each run's step 0 (lvs_jax/trajectory/measures.py).
 
   python experiments/trajectory.py --config=experiments/configs/trajectory.py --workdir=/tmp/traj \
     --config.runs="('r2d2=/tmp/r2d2', 'sft=/tmp/r2d2_sft')" --config.steps="(0, 20, 50, 100)"

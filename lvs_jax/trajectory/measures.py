@@ -182,12 +182,15 @@ def model_geometry(model, sets: Mapping[str, Sequence[str]], cfg, model_dir: str
   nan = dict(value=None, low=None, high=None)  # None, not nan: rows compare equal after a JSON round trip
   estimable = min(info["n_harmful"], info["n_harmless"], info["n_refused"], info["n_complied"]) > 0
   out = {"geometry/pool": dict(info, estimable=estimable)}
+  npz = os.path.join(model_dir, "geometry.npz")
+  if os.path.exists(npz):  # carriers of another key: never left next to this one (run_level reads them)
+    os.remove(npz)
   if estimable:
     x_inst, x_post = carriers.collect_inst_post(model, pool["prompts"], site=g.site, batch_size=g.batch_size)
     c = checkpoint_coupling(x_inst, la, x_post, lb, n_boot=g.n_boot, seed=g.seed)
     out["coupling/peak"] = dict(c["peak"], n=info["n"])
     out["coupling/mean"] = dict(c["mean"], n=info["n"])
-    files.atomic_savez(os.path.join(model_dir, "geometry.npz"), harmfulness=c["harmfulness"], refusal=c["refusal"],
+    files.atomic_savez(npz, harmfulness=c["harmfulness"], refusal=c["refusal"],
                        abs_cos=np.asarray(c["abs_cos"]), low=np.asarray(c["low"]), high=np.asarray(c["high"]))
   else:
     out["coupling/peak"] = dict(nan, layer=-1, n=info["n"])
@@ -390,7 +393,8 @@ def run_level(rows: Sequence[Mapping], cells: Sequence[Mapping], cfg, workdir: s
   rank_rows = []
   if cfg.geometry.enabled:
     for run in dict.fromkeys(r["run"] for r in rows):
-      digests = list(dict.fromkeys(r["digest"] for r in sorted(rows, key=lambda r: r["step"]) if r["run"] == run))
+      digests = list(dict.fromkeys(r["digest"] for r in sorted(rows, key=lambda r: r["step"])
+                                   if r["run"] == run and np.isfinite(_value(r.get("coupling/peak")))))
       stacks, couplings = {f: [] for f in FAMILIES}, []
       for dg in digests:
         p = os.path.join(workdir, "trajectory", "models", dg[:16], "geometry.npz")
