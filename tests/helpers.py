@@ -50,3 +50,32 @@ def torch_model(params: model_lib.Params, cfg: ModelConfig):
   assert set(missing) <= {"lm_head.weight"}, missing
   return tm
 
+
+
+def finish(p, timeout=300):
+  """(returncode, combined output) of a child process started with stdout=PIPE, stderr=STDOUT."""
+  out, _ = p.communicate(timeout=timeout)
+  return p.returncode, out
+
+
+def last_step(path):
+  """The last step in a training run's metrics.jsonl (0 when it does not exist yet)."""
+  import os
+
+  from lvs_jax.training import core as training
+
+  rows = training.read_metrics(path) if os.path.exists(path) else []
+  return rows[-1]["step"] if rows else 0
+
+
+def kill_after_step(p, metrics_path, target: int, delay: float, timeout: float = 240):
+  """SIGKILLs child `p` `delay` seconds after its metrics reach step `target` (or it exits); -> finish(p)."""
+  import signal
+  import time
+
+  deadline = time.time() + timeout
+  while last_step(metrics_path) < target and p.poll() is None and time.time() < deadline:
+    time.sleep(0.002)
+  time.sleep(delay)
+  p.send_signal(signal.SIGKILL)
+  return finish(p)

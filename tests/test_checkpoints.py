@@ -7,13 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import optax
 import pytest
-from helpers import tiny
+from helpers import finish, kill_after_step, tiny
 
 from lvs_jax.io import checkpoints
 from lvs_jax.training import core as training
@@ -120,44 +119,29 @@ def _child(workdir, steps, env_extra=None, **kw):
                           stderr=subprocess.STDOUT, text=True, cwd=ROOT, **kw)
 
 
-def _finish(p, timeout=240):
-  out, _ = p.communicate(timeout=timeout)
-  return p.returncode, out
-
-
-def _last_step(path):
-  rows = training.read_metrics(path) if os.path.exists(path) else []
-  return rows[-1]["step"] if rows else 0
-
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_reaches_bit_identical_state(tmp_path):
   n = 20
-  rc, out = _finish(_child(tmp_path / "ref", n))  # the uninterrupted run (also fills the compile cache)
+  rc, out = finish(_child(tmp_path / "ref", n))  # the uninterrupted run (also fills the compile cache)
   assert rc == 0, out
   wd = tmp_path / "run"
   # 1. killed inside orbax's save of step 4 (temporary directory written, not yet renamed)
-  rc, out = _finish(_child(wd, n, {"LVS_KILL_IN_ORBAX_FINALIZE": "4"}))
+  rc, out = finish(_child(wd, n, {"LVS_KILL_IN_ORBAX_FINALIZE": "4"}))
   assert rc == -signal.SIGKILL and "SELF-KILL" in out, out
   # 2. killed after orbax's rename of step 8, before our commit record
-  rc, out = _finish(_child(wd, n, {"LVS_KILL_BEFORE_COMMIT": "8"}))
+  rc, out = finish(_child(wd, n, {"LVS_KILL_BEFORE_COMMIT": "8"}))
   assert rc == -signal.SIGKILL and "RESUMED 2" in out and "checkpoint step 4" in out, out
   # 3. SIGKILL from outside at a random moment after a random step (often inside a save)
   seed = random.randrange(1 << 30)
   rnd = random.Random(seed)
   # metrics.jsonl still holds steps 1-8 of run 2 until the child rewrites it: wait for step >= 9.
   target, delay = rnd.randint(9, 15), rnd.uniform(0.0, 0.02)
-  p = _child(wd, n)
-  deadline = time.time() + 240
-  while _last_step(wd / "metrics.jsonl") < target and p.poll() is None and time.time() < deadline:
-    time.sleep(0.002)
-  time.sleep(delay)
-  p.send_signal(signal.SIGKILL)
-  rc, out = _finish(p)
+  rc, out = kill_after_step(_child(wd, n), wd / "metrics.jsonl", target, delay)
   assert "RESUMED 6" in out and "checkpoint step 8" in out and "uncommitted" in out, (seed, out)
   assert rc in (-signal.SIGKILL, 0), (seed, out)  # 0: it finished before the signal landed
   # 4. resume to the end
-  rc, out = _finish(_child(wd, n))
+  rc, out = finish(_child(wd, n))
   assert rc == 0, (seed, out)
   ref, got = np.load(tmp_path / "ref" / "final.npz"), np.load(wd / "final.npz")
   assert len(ref.files) == len(got.files) > 0

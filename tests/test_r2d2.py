@@ -8,12 +8,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import finish, kill_after_step
 from test_training_experiments import jax_cache, tiny_chat_model  # noqa: F401 (fixtures)
 
 from lvs_jax.io import checkpoints, registry
@@ -180,36 +180,21 @@ def _child(model_dir, wd, steps, cache, env_extra=None):
                           stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
-def _finish(p, timeout=300):
-  out, _ = p.communicate(timeout=timeout)
-  return p.returncode, out
-
-
-def _last_step(path):
-  rows = training.read_metrics(path) if os.path.exists(path) else []
-  return rows[-1]["step"] if rows else 0
-
 
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_bit_identical_params_and_pool(tmp_path, tiny_chat_model, jax_cache):  # noqa: F811
   n = 8
-  rc, out = _finish(_child(tiny_chat_model, tmp_path / "ref", n, jax_cache))
+  rc, out = finish(_child(tiny_chat_model, tmp_path / "ref", n, jax_cache))
   assert rc == 0, out[-3000:]
   wd = tmp_path / "run"
-  rc, out = _finish(_child(tiny_chat_model, wd, n, jax_cache, {"LVS_KILL_BEFORE_COMMIT": "4"}))
+  rc, out = finish(_child(tiny_chat_model, wd, n, jax_cache, {"LVS_KILL_BEFORE_COMMIT": "4"}))
   assert rc == -signal.SIGKILL and "SELF-KILL" in out, out[-3000:]
   seed = random.randrange(1 << 30)
   rnd = random.Random(seed)
   target, delay = rnd.randint(5, 6), rnd.uniform(0.0, 0.05)
-  p = _child(tiny_chat_model, wd, n, jax_cache)
-  deadline = time.time() + 240
-  while _last_step(wd / "metrics.jsonl") < target and p.poll() is None and time.time() < deadline:
-    time.sleep(0.002)
-  time.sleep(delay)
-  p.send_signal(signal.SIGKILL)
-  rc, out = _finish(p)
+  rc, out = kill_after_step(_child(tiny_chat_model, wd, n, jax_cache), wd / "metrics.jsonl", target, delay)
   assert "RESUMED 2" in out and "checkpoint step 4" in out, (seed, out[-3000:])
-  rc, out = _finish(_child(tiny_chat_model, wd, n, jax_cache))
+  rc, out = finish(_child(tiny_chat_model, wd, n, jax_cache))
   assert rc == 0, (seed, out[-3000:])
   ref, got = np.load(tmp_path / "ref" / "final.npz"), np.load(wd / "final.npz")
   assert len(ref.files) == len(got.files) > 6
