@@ -37,12 +37,12 @@ def load_targets(cfg):
   says which one it used."""
   from lvs_jax.io import datasets as data
 
-  if cfg.get("target_source", "file") not in ("file", "fixed"):
+  if getattr(cfg, "target_source", "file") not in ("file", "fixed"):
     raise ValueError(f"lvs.target_source must be 'file' or 'fixed', got {cfg.target_source!r}")
   ps = data.load_prompts(cfg.prompts)
   if cfg.n_prompts:
     ps = ps[: cfg.n_prompts]
-  own = ps.targets if cfg.get("target_source", "file") == "file" else None
+  own = ps.targets if getattr(cfg, "target_source", "file") == "file" else None
   return list(ps), list(own or [cfg.target] * len(ps))
 
 
