@@ -359,7 +359,8 @@ def _value(m) -> float:
 
 def correlations(rows: Sequence[Mapping], cells: Sequence[Mapping]) -> list[dict]:
   """Per run: Spearman rho (and n) of coupling (peak, mean) and drift angle with transfer ASR and fresh GCG ASR,
-  and which of coupling/drift tracks transfer ASR more closely (larger |rho|)."""
+  and which of coupling (peak or layer mean) and drift tracks transfer ASR more closely (larger |rho|; the
+  first listed wins a tie)."""
   tr = transfer_asr(rows, cells)
   out = []
   for run in dict.fromkeys(r["run"] for r in rows):
@@ -376,7 +377,7 @@ def correlations(rows: Sequence[Mapping], cells: Sequence[Mapping]) -> list[dict
   for run in dict.fromkeys(r["run"] for r in rows):
     best = {}
     for c in out:
-      if c["run"] == run and c["y"] == "transfer ASR" and c["x"] in ("coupling/peak", "drift/angle"):
+      if c["run"] == run and c["y"] == "transfer ASR" and c["x"] in ("coupling/peak", "coupling/mean", "drift/angle"):
         best[c["x"]] = c
     finite = {k: v for k, v in best.items() if np.isfinite(v["rho"])}
     if finite:
