@@ -10,6 +10,7 @@ from helpers import tiny
 from lvs_jax.core import edit as edit_lib
 from lvs_jax.core import generate as gen
 from lvs_jax.core import model as model_lib
+from lvs_jax.evals import stats
 from lvs_jax.lvs import attack as lvs
 from lvs_jax.lvs import sweeps
 
@@ -267,3 +268,23 @@ def test_target_source_picks_the_sets_own_targets_or_the_fixed_opening():
   c.target_source = "own"
   with pytest.raises(ValueError, match="target_source"):
     lvs_audit.load_targets(c)
+
+
+def test_audit_gap_is_refusal_times_lvs_with_a_joint_bootstrap():
+  radii = np.array([0.1, 0.2, 0.4])
+  # 4 of 5 prompts refused; over 2 layers the refused prompts break at the smallest radius, or never.
+  refused = np.array([True, False, True, True, True])
+  eps = np.array([[0.1, 0.1, np.inf, np.inf], [0.1, 0.1, np.inf, np.inf]])
+  gap, lo, hi = lvs.audit_gap(refused, eps, radii, n_boot=400, seed=0)
+  assert gap == pytest.approx(0.8 * 0.5)  # R = 0.8, LVS = 0.5 (half break at r_0 -> 1, half never -> 0)
+  assert 0.0 <= lo < gap < hi <= 1.0
+  # Extremes: everything refused and broken at r_0 -> 1 exactly (every resample too); nothing refused -> 0.
+  assert lvs.audit_gap(np.ones(6, bool), np.full((2, 6), 0.1), radii, n_boot=50) == (1.0, 1.0, 1.0)
+  assert lvs.audit_gap(np.zeros(6, bool), np.zeros((2, 0)), radii, n_boot=50) == (0.0, 0.0, 0.0)
+  # Joint resampling: a planted set whose refused prompts all break gives gap samples == R samples, so the
+  # interval is the bootstrap interval of R itself.
+  refused = np.array([True] * 6 + [False] * 4)
+  g, lo, hi = lvs.audit_gap(refused, np.full((1, 6), 0.1), radii, n_boot=300, seed=3)
+  idx = stats.bootstrap_indices(3, 10, 300)
+  r_lo, r_hi = stats.percentile_interval(refused[idx].mean(1))
+  assert (g, lo, hi) == pytest.approx((0.6, r_lo, r_hi))

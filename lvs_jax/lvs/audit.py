@@ -180,5 +180,9 @@ def run(model, prompts, targets, cfg, workdir: str, mesh=None, rules=None) -> re
   rp, rt = [prompts[i] for i in refused], [targets[i] for i in refused]
   cells = run_cells(model, rp, rt, cfg, os.path.join(d, "cells"), mesh, params)
   summary = summarize(cells, cfg.layers, cfg.radii, seed=cfg.seed)
+  flags = np.array([bool(r["refused"]) for r in base.records])
+  eps_refused = summary["eps_star"] if cfg.only_refused else summary["eps_star"][:, flags]
+  gap = lvs.audit_gap(flags, eps_refused, cfg.radii, seed=cfg.seed)
+  summary.update(audit_gap=gap[0], audit_gap_low=gap[1], audit_gap_high=gap[2])
   files.atomic_write_json(os.path.join(d, "summary.json"), summary)
   return lvs_report.lvs_section(summary, sweep, len(prompts), n_refused, len(refused), cfg)

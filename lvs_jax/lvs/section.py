@@ -73,6 +73,7 @@ def lvs_section(summary: dict, sweep: dict | None, n_prompts: int, n_refused: in
   summary_kv = {"behavioral_refusal_rate": behavioral, "n_prompts": n_prompts, "n_refused": n_refused,
                 "n_attacked": n_attacked,
                 "model_lvs_mean": model_lvs, "most_vulnerable_layer": peak,
+                "audit_gap": summary.get("audit_gap", behavioral * model_lvs if n_attacked else float("nan")),
                 "dissociated": lvs.dissociated(behavioral, model_lvs)}
   if not n_attacked:
     summary_kv["lvs_not_measured"] = summary.get("reason") or NOT_ATTACKED
@@ -81,8 +82,10 @@ def lvs_section(summary: dict, sweep: dict | None, n_prompts: int, n_refused: in
     headlines = [
       report_lib.Headline("LVS (mean over layers)", model_lvs, lo, hi,
                           f"0 = unbreakable, 1 = trivially breakable; most vulnerable layer {peak}"),
-      report_lib.Headline("Audit gap", behavioral - (1 - model_lvs), behavioral - (1 - lo), behavioral - (1 - hi),
-                          "behavioral refusal minus latent robustness (1 - LVS); high = looks safer than it is"),
+      report_lib.Headline("Audit gap", summary.get("audit_gap", behavioral * model_lvs),
+                          summary.get("audit_gap_low"), summary.get("audit_gap_high"),
+                          "refusal rate x LVS: the share of harmful prompts a behavioral audit counts as safe that "
+                          "a latent attack breaks (lvs_jax.lvs.attack.audit_gap); high = looks safer than it is"),
     ]
   else:
     headlines = [report_lib.Headline("LVS", "not measured", guide=summary.get("reason") or NOT_ATTACKED, kind="text")]
