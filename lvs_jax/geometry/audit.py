@@ -86,10 +86,6 @@ def _scalar(v):
   return v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
 
 
-def _norm(p: str) -> str:
-  return " ".join(p.split()).casefold()
-
-
 def training_prompts(names) -> dict[str, list[str]]:
   """{set name: prompts} of the training sets to exclude (bundled names or paths, `data.load_prompts`)."""
   return {name: list(data.load_prompts(name)) for name in names}
@@ -109,9 +105,7 @@ def _take(path: str, n: int, seed: int, *, label=None, exclude=(), training=None
   ps, k = drop_training(ps, training or {})
   if dropped is not None:
     dropped[name] = dropped.get(name, 0) + k
-  ex = {_norm(p) for p in exclude}
-  keep = [i for i, p in enumerate(ps) if _norm(p) not in ex]
-  ps = ps.take(keep)
+  ps, _ = recipes.drop_overlap(ps, exclude)
   if n and n < len(ps):
     ps = data.sample(ps, n, seed=seed)
   return ps

@@ -74,14 +74,15 @@ def safe_but_scary_prompts() -> data_lib.PromptSet:
   return dataclasses.replace(ps, source="lvs_jax/prompts/safe_but_scary.txt")
 
 
-def _norm(s: str) -> str:
+def fold_prompt(s: str) -> str:
+  """The form in which two prompts count as the same (case and whitespace ignored)."""
   return " ".join(s.casefold().split())
 
 
 def drop_overlap(train: data_lib.PromptSet, *held_out: Sequence[str]) -> tuple[data_lib.PromptSet, int]:
   """`train` without prompts that occur (case/whitespace-insensitively) in any held-out set."""
-  seen = {_norm(p) for ps in held_out for p in ps}
-  keep = [i for i, p in enumerate(train) if _norm(p) not in seen]
+  seen = {fold_prompt(p) for ps in held_out for p in ps}
+  keep = [i for i, p in enumerate(train) if fold_prompt(p) not in seen]
   return train.take(keep), len(train) - len(keep)
 
 

@@ -115,10 +115,10 @@ def load_sets(sets: Mapping[str, Mapping], seed: int = 0) -> dict[str, list[str]
 
 def seconds_per_step(path: str) -> float:
   """Median wall seconds per training step of a run (metrics.jsonl; the first, compiling, step excluded)."""
-  rows = training.read_metrics(os.path.join(path, "metrics.jsonl")) if os.path.exists(
-    os.path.join(path, "metrics.jsonl")) else []
-  s = [r["seconds"] for r in rows[1:] if "seconds" in r]
-  return float(np.median(s)) if s else float("nan")
+  from lvs_jax.training import recipes
+
+  metrics = os.path.join(path, "metrics.jsonl")
+  return recipes.seconds_per_step(training.read_metrics(metrics) if os.path.exists(metrics) else [])
 
 
 def _rate(k: int, n: int) -> dict:

@@ -40,6 +40,7 @@ import numpy as np
 
 from lvs_jax.evals import stats
 from lvs_jax.io import files, keys
+from lvs_jax.training import recipes
 
 FAMILIES = ("harmfulness", "refusal")
 
@@ -69,15 +70,11 @@ def make_smoke(c: ml_collections.ConfigDict) -> None:
   c.drift.n_perm = 20
 
 
-def _fold(s: str) -> str:
-  return " ".join(s.lower().split())
-
-
 def training_prompts(names: Sequence[str]) -> set[str]:
   """Folded prompts of the named data sets (the runs' training sets) that every pool must avoid."""
   from lvs_jax.io import datasets as data
 
-  return {_fold(p) for name in names for p in data.load_prompts(name)}
+  return {recipes.fold_prompt(p) for name in names for p in data.load_prompts(name)}
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -154,7 +151,7 @@ def geometry_pool(records: Mapping[str, Sequence[Mapping]], g, train: set[str]) 
     if side == 0:
       continue
     for r in recs:
-      if _fold(r["prompt"]) in train:
+      if recipes.fold_prompt(r["prompt"]) in train:
         excluded += 1
         continue
       prompts.append(r["prompt"])
@@ -228,7 +225,8 @@ def probe_prompts(cfg, train: set[str]) -> tuple[list[str], np.ndarray]:
   for label, specs in ((1, d.harmful), (0, d.harmless)):
     for s in specs:
       ps = data.load_prompts(s["path"], label=s.get("label"))
-      ps = [p for p in (data.sample(ps, s["n"], seed=d.seed) if s.get("n") else ps) if _fold(p) not in train]
+      ps = data.sample(ps, s["n"], seed=d.seed) if s.get("n") else ps
+      ps = [p for p in ps if recipes.fold_prompt(p) not in train]
       prompts += ps
       y += [label] * len(ps)
   return prompts, np.asarray(y, np.int32)
