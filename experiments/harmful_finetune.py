@@ -73,6 +73,9 @@ def main(argv):
     "(a keyword judge: it measures 'did not refuse', not harmfulness); asr_continued also needs >= "
     f"{e.min_continued_words} words after the completion's first sentence or line (more than an echoed 'Sure, "
     f"here is ...' opening). end_turn={cfg.data.end_turn}. Seconds per step: median after the first.")
+  export = registry.export_dir(cfg.get("export", ""))
+  if export:
+    log(f"exported merged weights to {sft.export(model, run.params(model.params), export)}")
   cli.write_section(workdir, section, model=cfg.model, source=model.source, dtype=cfg.dtype, config=cfg.to_dict())
 
 

@@ -38,15 +38,17 @@ def main(argv):
   held_out = list(sets.values()) + [data.load_prompts("xstest")]
   d = cfg.data
   harmful, n1 = sft.drop_overlap(load(d.harmful, d.n_harmful), *held_out)
-  pool = data.load_prompts(d.harmless)
-  harmless = data.sample(pool, d.n_harmless, seed=cfg.seed)
-  if d.n_harmless_questions:  # appended, so the cached completions of the first part stay valid
-    chosen = set(harmless)
-    questions = pool.take([i for i, p in enumerate(pool) if p.rstrip().endswith("?") and p not in chosen])
-    harmless = data.PromptSet(list(harmless) + list(data.sample(questions, d.n_harmless_questions, seed=cfg.seed)))
-  harmless, n2 = sft.drop_overlap(harmless, *held_out)
-  scary, n3 = sft.drop_overlap(sft.safe_but_scary_prompts(), *held_out)
-  scary = data.sample(scary, d.n_scary, seed=cfg.seed) if d.n_scary else scary
+  harmless, scary, n2, n3 = [], [], 0, 0
+  if not d.get("refusal_only", False):  # refusal_only: the re-alignment stage of the "realign" dissociated model
+    pool = data.load_prompts(d.harmless)
+    harmless = data.sample(pool, d.n_harmless, seed=cfg.seed)
+    if d.n_harmless_questions:  # appended, so the cached completions of the first part stay valid
+      chosen = set(harmless)
+      questions = pool.take([i for i, p in enumerate(pool) if p.rstrip().endswith("?") and p not in chosen])
+      harmless = data.PromptSet(list(harmless) + list(data.sample(questions, d.n_harmless_questions, seed=cfg.seed)))
+    harmless, n2 = sft.drop_overlap(harmless, *held_out)
+    scary, n3 = sft.drop_overlap(sft.safe_but_scary_prompts(), *held_out)
+    scary = data.sample(scary, d.n_scary, seed=cfg.seed) if d.n_scary else scary
   log(f"training prompts: {len(harmful)} harmful, {len(harmless)} harmless, {len(scary)} safe-but-scary "
       f"({n1 + n2 + n3} dropped as overlapping held-out sets)")
 
@@ -78,7 +80,7 @@ def main(argv):
              xstest_safe_answered=1 - rate.get("xstest_safe", 1) >= t.xstest_safe_answered)
   log(f"final refusal rates {rate}; thresholds met: {met}")
 
-  export = registry.aligned_model_dir() if cfg.export == "registry" else cfg.export
+  export = registry.export_dir(cfg.export)
   if export:
     log(f"exported merged weights to {sft.export(model, params, export)}")
   examples_shown = [dict(set=r.name, prompt=x["prompt"], completion=x["completion"], refused=x["refused"])

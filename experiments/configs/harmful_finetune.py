@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # asr_continued: not refused and >= min_continued_words words after the first sentence or line.
   c.eval = dict(max_new_tokens=64, batch_size=16, prefixes="jailbreakbench", min_continued_words=5)
   c.eval_sets = dict(harmful=dict(path="harmful_val", n=0))  # held out (no overlap with the pairs)
+  # "": no export; a built-model name (lvs_jax.io.registry.BUILT_MODELS) or a path: the merged final weights.
+  # The zoo's `smollm2-135m-harmful-ft` is this run with --config.export=smollm2-135m-harmful-ft.
+  c.export = ""
   if arg == "smoke":
     c.num_steps = 2
     c.batch = dict(batch_size=2, micro_batches=1, seq_len=128, packing=False)

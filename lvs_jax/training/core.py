@@ -242,14 +242,16 @@ class Dataset:
 
 
 def forward_train(params: model_lib.Params, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                  cfg: ModelConfig, *, remat: bool = True, lora: lora_lib.LoraParams | None = None) -> jax.Array:
+                  cfg: ModelConfig, *, remat: bool = True, lora: lora_lib.LoraParams | None = None,
+                  edit=None) -> jax.Array:
   """Logits [B, T, V] (float32) of a right-padded or packed batch: causal attention within each segment.
 
   tokens, segment_ids, positions: [B, T]. The layer loop is `lvs_jax.core.model.scan_layers`; on a
   row with one example (segment 1, then padding) the logits equal `forward(params, tokens, cfg,
   attention_mask=segment_ids > 0)` at the real tokens. lora: adapters run unmerged, x @ W + s (x @ a) @ b
   (`lvs_jax.core.model.linear`): no merged weight copy, and updates below the weights' dtype
-  resolution still reach the output.
+  resolution still reach the output. edit: an `lvs_jax.core.edit` Edit applied in the layer loop (slots =
+  the batch's T positions), e.g. latent adversarial training's perturbation (`lvs_jax.training.lat`).
   """
   T = tokens.shape[1]
   valid = segment_ids > 0
@@ -258,7 +260,7 @@ def forward_train(params: model_lib.Params, tokens: jax.Array, segment_ids: jax.
   ctx = model_lib.Context(positions=positions, mask=causal & same, start=0)
   adapters = None if lora is None else lora_lib.adapters(lora)
   h, _, _ = model_lib.scan_layers(params.layers, model_lib.embed(params, tokens), cfg, ctx, lora=adapters,
-                                  remat=remat)
+                                  edit=edit, remat=remat)
   return model_lib.unembed(params, h, cfg)
 
 
@@ -277,13 +279,14 @@ def model_params(trainable, base: model_lib.Params | None) -> model_lib.Params:
 
 
 def loss_sums(trainable, base: model_lib.Params | None, batch: Batch, cfg: ModelConfig, *,
-              compute_dtype=jnp.float32, remat: bool = True) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+              compute_dtype=jnp.float32, remat: bool = True,
+              edit=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """(sum of completion-token NLL in nats, (number of completion tokens, number predicted correctly)).
 
   batch: one micro-batch, fields [b, T]. Sums (not means) so that micro-batches add up exactly; the
   step divides by the total token count. compute_dtype: the weights are cast to it (bfloat16 compute,
   float32 master weights); LoRA adapters stay in their own dtype and run unmerged, their term added to
-  the base product in float32; logits and the loss are float32.
+  the base product in float32; logits and the loss are float32. edit: see `forward_train`.
   """
   lora = None
   if isinstance(trainable, lora_lib.LoraParams):
@@ -291,7 +294,8 @@ def loss_sums(trainable, base: model_lib.Params | None, batch: Batch, cfg: Model
       raise ValueError("LoRA training needs the base Params")
     trainable, lora = base, trainable
   params = _cast(trainable, compute_dtype)
-  logits = forward_train(params, batch.tokens, batch.segment_ids, batch.positions, cfg, remat=remat, lora=lora)
+  logits = forward_train(params, batch.tokens, batch.segment_ids, batch.positions, cfg, remat=remat, lora=lora,
+                         edit=edit)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
   mask = batch.loss_mask.astype(jnp.float32)
   correct = (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
@@ -424,8 +428,8 @@ def train_loop(state: TrainState, step_fn: Callable, dataset: Dataset, num_steps
       bar.update(1)
       bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
       if log and ((s + 1) % log_every == 0 or s == start or s + 1 == num_steps):
-        log(f"step {s + 1}/{num_steps} loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
-            f"gnorm {row['grad_norm']:.3f} {row['seconds']:.2f}s")
+        acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
+        log(f"step {s + 1}/{num_steps} loss {row['loss']:.4f}{acc} gnorm {row['grad_norm']:.3f} {row['seconds']:.2f}s")
       if checkpointer is not None:
         checkpointer.save(state, force=s + 1 == num_steps)
   finally:

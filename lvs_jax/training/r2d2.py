@@ -76,13 +76,15 @@ def away_loss_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   return -jnp.sum(log_1mp * keep), jnp.sum(m)
 
 
-def _away_sums(trainable, base, batch: training.Batch, cfg: ModelConfig, *, threshold, compute_dtype, remat):
+def away_sums(trainable, base, batch: training.Batch, cfg: ModelConfig, *, threshold: float = -5.0,
+              compute_dtype=jnp.float32, remat: bool = True, edit=None) -> tuple[jax.Array, jax.Array]:
+  """`away_loss_sums` of a training batch (fields [b, T]) under the model (`core.loss_sums`'s conventions)."""
   lora = None
   if isinstance(trainable, lora_lib.LoraParams):
     trainable, lora = base, trainable
   params = training._cast(trainable, compute_dtype)
   logits = training.forward_train(params, batch.tokens, batch.segment_ids, batch.positions, cfg, remat=remat,
-                                  lora=lora)
+                                  lora=lora, edit=edit)
   return away_loss_sums(logits, batch.targets, batch.loss_mask, threshold)
 
 
@@ -102,7 +104,8 @@ class StepBatch:
 
 def make_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, base: model_lib.Params | None = None, *,
               weights: dict[str, float], threshold: float = -5.0, schedule: optax.Schedule | None = None,
-              compute_dtype=jnp.float32, remat: bool = True, donate: bool = True) -> Callable:
+              compute_dtype=jnp.float32, remat: bool = True, donate: bool = True,
+              perturb: Callable | None = None) -> Callable:
   """A jitted `step(state, StepBatch) -> (state, metrics)` (state donated).
 
   Gradient = sum over terms of weight * d(term mean)/d params; terms of weight 0 (or without data) are
@@ -110,6 +113,12 @@ def make_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, base: m
   scanned, gradients summed then divided by the completion-token count), so with only that term (the
   adversarial terms off) this step is the SFT step bit for bit (tested). metrics: loss (the weighted
   total), sft, toward, away (term means, nats/token), tokens, grad_norm, lr.
+
+  perturb: `perturb(trainable, base, data, key) -> (edit, metrics)`, a latent perturbation found against
+  the current parameters (latent adversarial training, `lvs_jax.training.lat`): the toward and away terms
+  are computed under `edit` (held fixed: no gradient flows into the perturbation), the clean term is
+  not; its metrics are added with an "adv_" prefix. key: from the state's rng (a pure function of the
+  seed and the step).
   """
   w_sft, w_tow, w_away = (float(weights.get(k, 0.0)) for k in ("sft", "toward", "away"))
 
@@ -131,18 +140,25 @@ def make_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, base: m
     denom = jnp.maximum(n, 1.0)
     return jax.tree.map(lambda x: x / denom.astype(x.dtype), g), s / denom
 
-  def ce(p, b, batch):
-    s, (n, _) = training.loss_sums(p, b, batch, cfg, compute_dtype=compute_dtype, remat=remat)
-    return s, n
-
-  def aw(p, b, batch):
-    return _away_sums(p, b, batch, cfg, threshold=threshold, compute_dtype=compute_dtype, remat=remat)
-
   def step(state: training.TrainState, data: StepBatch, base):
+    edit = None
+    metrics = {}
+    if perturb is not None:
+      edit, adv = perturb(state.params, base, data, jax.random.fold_in(state.rng, 1))
+      edit = jax.lax.stop_gradient(edit)
+      metrics.update({f"adv_{k}": v for k, v in adv.items()})
+
+    def ce(p, b, batch):
+      s, (n, _) = training.loss_sums(p, b, batch, cfg, compute_dtype=compute_dtype, remat=remat, edit=edit)
+      return s, n
+
+    def aw(p, b, batch):
+      return away_sums(p, b, batch, cfg, threshold=threshold, compute_dtype=compute_dtype, remat=remat, edit=edit)
+
     g, sft, n = clean_grads(state.params, data.clean, base)
     if w_sft != 1.0:
       g = jax.tree.map(lambda x: x * jnp.asarray(w_sft, x.dtype), g)
-    metrics = dict(sft=sft, tokens=n)
+    metrics.update(sft=sft, tokens=n)
     loss = w_sft * sft
     extra = []
     if w_tow and data.toward is not None:

@@ -250,24 +250,42 @@ def finetune(model: LoadedModel, examples: Sequence[training.Example], cfg, work
   tok, n_trunc = training.tokenize(model.tokenizer, examples, b.seq_len)
   ds = training.Dataset(tok, batch_size=b.batch_size, seq_len=b.seq_len, pad_id=model.tokenizer.pad_id, seed=cfg.seed,
                         micro_batches=b.micro_batches, packing=b.packing)
+
+  def make_step(opt, sched):
+    return training.make_train_step(model.cfg, opt, model.params if cfg.mode == "lora" else None, schedule=sched,
+                                    compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat)
+
+  return train(model, ds, make_step, cfg, workdir, n_truncated=n_trunc, log=log)
+
+
+def train(model: LoadedModel, dataset, make_step: Callable, cfg, workdir: str, *, n_truncated: int = 0,
+          kind: str | None = None, log: Callable[[str], None] = logging.info) -> Finetuned:
+  """The runner every recipe shares: TrainState (LoRA or full, `setup`), orbax checkpoints under
+  workdir/checkpoints resumed from the last committed step (only when the data fingerprint and the
+  trainable match), `core.train_loop`, workdir/metrics.jsonl.
+
+  dataset: anything with `batch(step)`, `fingerprint()` and `steps_per_epoch()` (`core.Dataset`, or
+  `lat.LatData`); make_step(optimizer, schedule) -> `step(state, batch) -> (state, metrics)`; kind:
+  the checkpoint metadata's "kind" (how `checkpoint_params` restores it; None = a plain TrainState).
+  """
   init, opt, sched, sig = setup(model, cfg)
   state = training.init_state(init(), opt, cfg.seed)
   abstract = checkpoints.abstract_like(state)
-  expect = dict(data_hash=ds.fingerprint(), trainable=sig)
+  expect = dict(data_hash=dataset.fingerprint(), trainable=sig)
+  meta = dict(expect, config=cfg.to_dict(), model=str(cfg.model))
+  if kind:
+    meta["kind"] = kind
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint.save_every,
-                                  keep=cfg.checkpoint.keep or None, metadata=dict(
-                                    expect, config=cfg.to_dict(), model=str(cfg.model), n_examples=len(tok)))
+                                  keep=cfg.checkpoint.keep or None, metadata=meta)
   restored = ckpt.restore_latest(abstract, expect=expect)
   if restored is not None:
     state = restored[0]
     log(f"resuming from step {int(state.step)} of {ckpt.directory}")
-  log(f"{len(tok)} examples ({n_trunc} truncated), {ds.steps_per_epoch():.1f} steps per epoch, "
+  log(f"{dataset.steps_per_epoch():.1f} steps per epoch ({n_truncated} examples truncated), "
       f"{lora.num_params(state.params):,} trainable parameters ({sig})")
-  step = training.make_train_step(model.cfg, opt, model.params if cfg.mode == "lora" else None, schedule=sched,
-                                  compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat)
-  state, rows = training.train_loop(state, step, ds, cfg.num_steps, checkpointer=ckpt, log=log,
+  state, rows = training.train_loop(state, make_step(opt, sched), dataset, cfg.num_steps, checkpointer=ckpt, log=log,
                                     metrics_path=os.path.join(workdir, "metrics.jsonl"), log_every=cfg.log_every)
-  return Finetuned(state, rows, ds, ckpt, abstract, n_trunc)
+  return Finetuned(state, rows, dataset, ckpt, abstract, n_truncated)
 
 
 def with_params(model: LoadedModel, params) -> LoadedModel:
