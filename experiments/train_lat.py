@@ -53,6 +53,10 @@ def main(argv):
                                  cache_path=os.path.join(workdir, "data", "benign.jsonl"))
   clean = [training.Example(r["prompt"], r["completion"], end_turn=r["finished"]) for r in recs
            if not r["refused"] and r["completion"].strip()]
+  n_dropped = len(recs) - len(clean)
+  if not clean and not d.clean_refusals:
+    raise ValueError(f"no clean training examples: all {len(recs)} of the model's own benign answers were refused or "
+                     "empty (and data.clean_refusals is off)")
   refusals = [recipes.refusal_for(p) for p in pairs.prompts]
   if d.clean_refusals:
     clean += [training.Example(p, r) for p, r in zip(pairs.prompts, refusals)]
@@ -67,7 +71,6 @@ def main(argv):
   dataset = lat.LatData(tok_clean, tw, aw, batch_size=b.batch_size, seq_len=b.seq_len, micro_batches=b.micro_batches,
                         packing=b.packing, rows_per_step=a.rows_per_step, row_len=a.row_len,
                         pad_id=model.tokenizer.pad_id, seed=cfg.seed)
-  n_dropped = sum(1 for r in recs if r["refused"] or not r["completion"].strip())
   log(f"{len(tok_clean)} clean examples ({n_dropped} refused or empty answers dropped; {n_trunc} truncated), "
       f"{len(tw)} perturbed pairs")
   atk = lat.LatentAttack(layers=tuple(int(x) for x in a.layers), eps=float(a.eps), mode=a.mode, steps=int(a.steps),

@@ -69,7 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.save_every = 1
     c.log_every = 1
     c.lat.update(layers=(0, 1), steps=2 if c.lat.mode == "pgd" else 0, rows_per_step=2, row_len=256)
-    c.data.update(n_pairs=4, n_benign=3, scary=False, completion_tokens=8, gen_batch_size=4, retries=0)
+    # clean_refusals: a random tiny model's own "answers" are often empty; the refusals keep the clean batch full.
+    c.data.update(n_pairs=4, n_benign=3, scary=False, completion_tokens=8, gen_batch_size=4, retries=0,
+                  clean_refusals=True)
     c.eval.update(max_new_tokens=4, batch_size=4)
     for s in c.eval_sets.values():
       s["n"] = 2
