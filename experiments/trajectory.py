@@ -1,9 +1,10 @@
-r"""Checkpoint-trajectory analysis: behavior and a fresh GCG attack at every checkpoint of training runs.
+r"""Checkpoint-trajectory analysis at every checkpoint of training runs: behavior, a fresh GCG attack, safety
+geometry with KL-admissible carriers, latent vulnerability (LVS, audit gap), drift; the sparse transfer matrix.
 
   python experiments/trajectory.py --config=experiments/configs/trajectory.py --workdir=/tmp/traj \
     --config.runs="('r2d2=/tmp/r2d2', 'sft=/tmp/r2d2_sft')" --config.steps="(0, 20, 50, 100)"
 
-Writes workdir/trajectory/ (per-checkpoint generations, GCG states and test cases, rows.json) and the
+Writes workdir/trajectory/ (per-checkpoint generations, GCG states and test cases, LVS cells, rows.json) and the
 "trajectory" section of workdir/report.{json,html}; re-running resumes (everything keyed by content).
 """
 

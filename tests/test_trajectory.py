@@ -1,5 +1,6 @@
 """Checkpoint-trajectory analysis on a tiny model's SFT-baseline run: every checkpoint evaluated once per
-distinct weights, resumable, the main writes the section."""
+distinct weights (behavior, GCG, geometry, KL-admissible carriers, LVS, drift), resumable without recomputing,
+the main writes the section."""
 
 import json
 import os
@@ -12,17 +13,16 @@ from test_r2d2 import _main
 from test_training_experiments import jax_cache, tiny_chat_model  # noqa: F401 (fixtures)
 
 from lvs_jax.attacks import test_cases
+from lvs_jax.core import cli
 from lvs_jax.io import checkpoints, registry
-from lvs_jax.trajectory import audit, measures
+from lvs_jax.trajectory import audit, latent, measures
 from lvs_jax.trajectory import section as traj_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(runs, steps=()):
-  c = audit.default_config()
-  audit.make_smoke(c)
-  c.dtype = "float32"
+  c = cli.config_module(os.path.join(ROOT, "experiments", "configs", "trajectory.py")).get_config("smoke")
   c.runs, c.steps = tuple(runs), tuple(steps)
   return c
 
@@ -35,7 +35,7 @@ def _with_sources(cfg, sources):
 
 @pytest.mark.slow
 def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_the_section(
-    tmp_path, tiny_chat_model, jax_cache):  # noqa: F811
+    tmp_path, tiny_chat_model, jax_cache, monkeypatch):  # noqa: F811
   run = tmp_path / "sft"
   r = _main("r2d2.py:smoke_sft", run, tiny_chat_model, jax_cache)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -63,14 +63,46 @@ def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_t
     assert pool["estimable"] == (min(pool["n_harmful"], pool["n_harmless"], pool["n_refused"], pool["n_complied"]) > 0)
     assert (x["coupling/peak"]["value"] is not None) == pool["estimable"]  # None when no refusal carrier
     assert x["drift/angle"]["n"] == 16 and (x["drift/angle"]["value"] == 0.0) == (x["step"] == 0)
+    adm = x["kl_admissible/harmfulness"]  # per-layer ablation KL of the pool's carriers, when they exist
+    assert (adm["value"] is not None) == pool["estimable"]
+    assert adm["value"] is None or (adm["n"] == 2 and adm["k"] == len(adm["layers"]) and adm["value"] == adm["k"] / 2)
+    assert set(x["lvs/model"]) >= {"value", "low", "high", "n", "n_refused", "n_prompts", "measured"}
+    assert x["lvs/model"]["n"] == x["lvs/model"]["n_refused"] and x["lvs/model"]["n_prompts"] == 3  # refused only
+    assert [k for k in x if k.startswith("lvs/layer@")] == ["lvs/layer@0", "lvs/layer@1"]
   assert rows[0]["drift/probe_auc"] == rows[3]["drift/probe_auc"]  # both runs' step 0: one probe, one AUC
   assert not rows[0]["drift/alarm"]["fired"]
+  # The trajectory's LVS of a@2 equals the LVS audit's own (lvs_jax.lvs.audit.run, a fresh workdir: recomputed).
+  from lvs_jax.lvs import audit as lvs_audit
+
+  prompts, targets, _ = latent.lvs_prompts(cfg.lvs, set())
+  lvs_audit.run(registry.load_model(f"{run}@2"), prompts, targets, cfg.lvs, str(tmp_path / "direct"))
+  direct = json.loads((tmp_path / "direct" / "lvs" / "summary.json").read_text())
+  assert direct["measured"] and direct["n_attacked"] == rows[1]["lvs/model"]["n_refused"] == 3
+  assert direct["lvs"][0] != direct["lvs"][1]  # a layer breaks more easily than the other: not all 0 or all 1
+  for i, layer in enumerate(cfg.lvs.layers):
+    got = rows[1][f"lvs/layer@{layer}"]
+    assert (got["value"], got["low"], got["high"]) == (direct["lvs"][i], direct["lvs_low"][i], direct["lvs_high"][i])
+  m, gap = rows[1]["lvs/model"], rows[1]["lvs/audit_gap"]
+  assert (m["value"], m["low"], m["high"]) == (direct["model_lvs"], direct["model_lvs_low"], direct["model_lvs_high"])
+  assert (gap["value"], gap["low"], gap["high"]) == (direct["audit_gap"], direct["audit_gap_low"],
+                                                    direct["audit_gap_high"])
   extra = measures.run_level(rows, [], cfg, str(wd))
   assert {(c["run"], c["x"]) for c in extra["correlations"] if c["y"] == "fresh GCG ASR"} == {
-    (a, m) for a in "ab" for m in ("coupling/peak", "coupling/mean", "drift/angle")}
+    (a, m) for a in "ab" for m in ("coupling/peak", "coupling/mean", "drift/angle", "lvs/model")}
   assert all(c["n"] <= 3 for c in extra["correlations"])
-  # Re-run: everything is reused (same rows, no new model directories, no stale artefacts moved aside).
+  # Re-run: everything is reused (same rows, no new model directories, no stale artefacts moved aside); the LVS
+  # attack, the ablation-KL sweep and the carriers' activations are not computed again.
+  from lvs_jax.geometry import carriers, causal
+  from lvs_jax.lvs import attack as lvs_attack
+
+  def boom(*a, **k):
+    raise AssertionError("recomputed on resume")
+
+  for mod, name in ((lvs_attack, "pgd_attack"), (lvs_attack, "generate_under_delta"),
+                    (causal, "ablation_sweep_prompts"), (carriers, "collect_inst_post")):
+    monkeypatch.setattr(mod, name, boom)
   again, cells_again = audit.run(cfg, str(wd))
+  monkeypatch.undo()
   strip = lambda rs: [{k: v for k, v in x.items() if not k.endswith("_seconds")} for x in rs]  # noqa: E731
   assert strip(again) == strip(rows) and cells_again == cells
   assert sorted(os.listdir(wd / "trajectory" / "models")) == models
@@ -94,10 +126,13 @@ def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_t
 
   sec = traj_section.section(rows, cfg, cells, measures.run_level(rows, cells, cfg, str(wd)))
   assert [f.name for f in sec.figures] == ["refusal_harmful", "asr_gcg_s1", "refusal_harmless", "coupling_peak",
-                                           "coupling_mean", "drift_angle", "drift_probe_auc", "transfer"]
-  assert "correlation" in [t.name for t in sec.tables]
+                                           "coupling_mean", "drift_angle", "drift_probe_auc", "lvs_model",
+                                           "lvs_audit_gap", "lvs_layers", "kl_admissible", "kl_admissible_rank",
+                                           "coupling_admissible", "transfer"]
+  tables = {t.name: t for t in sec.tables}
+  assert "correlation" in tables and len(tables["kl_admissible"].rows) == 6 * 2  # per checkpoint and family
   assert len(sec.tables[0].rows) == 6 and sec.summary["a@4/refusal/harmful"] == rows[2]["refusal/harmful"]["rate"]
-  assert len(sec.tables[1].rows) == 36
+  assert len(tables["transfer"].rows) == 36
 
   # The main, on the same workdir: resumes and writes the report section.
   env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax_cache)

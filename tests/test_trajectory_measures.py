@@ -44,6 +44,21 @@ def test_coupling_rising_then_falling_is_recovered_at_its_peak_layer_with_interv
   assert np.argmax(got) == 2 and np.all(np.diff(got[:3]) > 0) and np.all(np.diff(got[2:]) < 0)
 
 
+def test_coupling_within_a_layer_subset_reads_peak_and_mean_over_those_layers_only():
+  per_layer = [0.45, 0.9, 0.2]
+  x = _checkpoint(np.random.default_rng(6), per_layer)
+  full = measures.checkpoint_coupling(*x, n_boot=50)
+  sub = measures.checkpoint_coupling(*x, n_boot=50, within=np.array([True, False, True]))
+  assert full["peak"]["layer"] == 1 and sub["peak"]["layer"] == 0
+  assert sub["peak"]["value"] == pytest.approx(0.45, abs=0.03) and sub["peak"]["low"] == full["low"][0]
+  assert sub["mean"]["value"] == pytest.approx(np.mean([0.45, 0.2]), abs=0.03)
+  assert sub["mean"]["low"] <= sub["mean"]["value"] <= sub["mean"]["high"] < full["mean"]["low"]
+  assert sub["abs_cos"] == full["abs_cos"]  # per-layer values and carriers do not depend on the subset
+  np.testing.assert_array_equal(sub["refusal"], full["refusal"])
+  none = measures.checkpoint_coupling(*x, n_boot=50, within=np.zeros(3, bool))
+  assert none["peak"]["layer"] == -1 and np.isnan(none["mean"]["value"])
+
+
 def test_coupling_mean_interval_narrows_with_less_noise():
   rng = np.random.default_rng(2)
   wide = measures.checkpoint_coupling(*_checkpoint(rng, [0.5, 0.5], noise=0.3), n_boot=100)

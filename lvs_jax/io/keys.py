@@ -42,7 +42,8 @@ KEY_SUFFIX = ".key.json"
 # Bump an artefact's version when the code that writes it changes what it means.
 SCHEMA = {"generations": 1, "sweep": 1, "pgd_cell": 1, "activations": 1, "carriers": 1, "coupling": 1,
           "causal": 1, "own_completions": 1, "embeddings": 1, "ablation_controls": 1, "diagnostics": 1,
-          "drift_fair": 1, "trajectory_attack": 1, "transfer": 1, "trajectory_geometry": 1}
+          "drift_fair": 1, "trajectory_attack": 1, "transfer": 1, "trajectory_geometry": 1,
+          "trajectory_admissible": 1, "trajectory_ablation_kl": 1}
 
 
 class StaleArtefactError(RuntimeError):

@@ -9,12 +9,18 @@ A run is the workdir of `experiments/train_r2d2.py` (R2D2 or its matched SFT bas
              XSTest safe prompts (exaggerated safety), cached per checkpoint;
   gcg        GCG test cases found *against that checkpoint* (fresh attack, small budget; resumable) and
              their attack success (greedy generation not a refusal), with a Wilson interval;
-  seconds    the run's median seconds per training step (its metrics.jsonl).
+  seconds    the run's median seconds per training step (its metrics.jsonl);
+  geometry   carriers and coupling, drift from step 0 (`lvs_jax.trajectory.measures`), KL-admissible carriers
+             (`lvs_jax.trajectory.admissible`, needs cfg.geometry);
+  lvs        the LVS audit on the prompts that checkpoint refuses (`lvs_jax.trajectory.latent`; cfg.lvs, an LVS
+             section config of experiments/configs/lvs.py: experiments/configs/trajectory.py sets one, a config
+             without `lvs` skips it).
 
 Layout under the workdir: `trajectory/models/<digest>/` per distinct set of weights (a run's step 0 is
 its base model: two runs from one start share it), holding `eval/<set>.jsonl` (keyed generations) and
 `attack/` (GCG states, test cases, results; the directory is claimed by a content key of the model's
-weights and the attack config, so another model's attack is moved aside, never reused);
+weights and the attack config, so another model's attack is moved aside, never reused), `lvs/` (keyed PGD cells),
+`geometry.json`, `admissible.json` and `admissible_kl.npz` (keyed);
 `trajectory/rows.json` (one row per run and step) and the report's "trajectory" section with the
 measures along steps on one x-axis and a CSV table.
 """
@@ -35,7 +41,7 @@ from lvs_jax.attacks import test_cases as tc_lib
 from lvs_jax.evals import stats
 from lvs_jax.io import checkpoints, files, keys
 from lvs_jax.training import core as training
-from lvs_jax.trajectory import measures
+from lvs_jax.trajectory import admissible, latent, measures
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -62,6 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.transfer = dict(enabled=True, sources=(), external=())
   c.geometry = measures.default_geometry_config()  # carriers + coupling per checkpoint (lvs_jax.trajectory.measures)
   c.drift = measures.default_drift_config()  # embedding drift relative to each run's step 0
+  c.admissible = admissible.default_config()  # KL-admissible carriers (lvs_jax.trajectory.admissible; with geometry)
   return c
 
 
@@ -72,6 +79,7 @@ def make_smoke(c: ml_collections.ConfigDict) -> None:
   c.attack.methods = ("gcg",)
   c.attack.gcg_budgets = (1,)
   measures.make_smoke(c)
+  admissible.make_smoke(c)
 
 
 def parse_runs(runs: Sequence[str]) -> list[tuple[str, str]]:
@@ -165,6 +173,11 @@ def run(cfg, workdir: str, load_model=None) -> tuple[list[dict], list[dict]]:
   done: dict[str, dict] = {}  # weights digest -> measures (step 0 of two runs from one start: one evaluation)
   geo_train = measures.training_prompts(cfg.geometry.exclude) if cfg.geometry.enabled else set()
   probe = measures.probe_prompts(cfg, measures.training_prompts(cfg.drift.exclude)) if cfg.drift.enabled else None
+  adm = cfg.geometry.enabled and cfg.get("admissible") is not None and cfg.admissible.enabled
+  if cfg.get("admissible") is not None and cfg.admissible.enabled and not cfg.geometry.enabled:
+    logging.warning("trajectory: KL-admissible carriers skipped: they need cfg.geometry (disabled)")
+  lvs_cfg = cfg.lvs if cfg.get("lvs") is not None and cfg.lvs.enabled else None
+  lvs_set = latent.lvs_prompts(lvs_cfg, measures.training_prompts(lvs_cfg.get("exclude", ()))) if lvs_cfg else None
   emb: dict[str, np.ndarray] = {}  # weights digest -> drift embeddings [N, D]
   rows = []
   for label, path, step in plan:
@@ -176,6 +189,14 @@ def run(cfg, workdir: str, load_model=None) -> tuple[list[dict], list[dict]]:
       done[digest] = evaluate_model(model, sets, cfg, model_dir)
       if cfg.geometry.enabled:
         done[digest].update(measures.model_geometry(model, sets, cfg, model_dir, geo_train))
+      if adm:
+        t0 = time.time()
+        done[digest].update(admissible.model_admissible(model, sets, cfg, model_dir, geo_train))
+        done[digest]["admissible_seconds"] = time.time() - t0
+      if lvs_cfg:
+        t0 = time.time()
+        done[digest].update(latent.model_lvs(model, *lvs_set, lvs_cfg, model_dir))
+        done[digest]["lvs_seconds"] = time.time() - t0
       if probe:
         emb[digest] = measures.model_embeddings(model, probe[0], cfg, model_dir)
     rows.append(dict(run=label, path=os.path.abspath(path), step=step, digest=digest,

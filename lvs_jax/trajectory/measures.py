@@ -24,9 +24,9 @@ Per evaluated checkpoint (cached in its model directory, keyed by content):
 Per run (`run_level`): the effective rank (Roy & Vetterli 2007: exp of the entropy of the normalized
 singular values) of each carrier family stacked across the run's checkpoints (unit carriers [K, D] per
 layer; 1 = one direction throughout, K = orthogonal at every step), and the Spearman correlation across
-checkpoints of coupling and drift angle with transfer ASR (pooled ASR of every other source's test cases
-against that checkpoint, its own cases excluded) and with the fresh GCG ASR. A run has few checkpoints:
-every correlation carries its n.
+checkpoints of coupling, drift angle and model-level LVS (`lvs_jax.trajectory.latent`) with transfer ASR
+(pooled ASR of every other source's test cases against that checkpoint, its own cases excluded) and with the
+fresh GCG ASR. A run has few checkpoints: every correlation carries its n.
 """
 
 from __future__ import annotations
@@ -86,19 +86,22 @@ def _units(x: np.ndarray) -> np.ndarray:
 
 
 def checkpoint_coupling(x_inst: np.ndarray, la: np.ndarray, x_post: np.ndarray, lb: np.ndarray, *, n_boot: int = 200,
-                        seed: int = 0, level: float = 0.95) -> dict:
+                        seed: int = 0, level: float = 0.95, within: np.ndarray | None = None) -> dict:
   """Coupling of one checkpoint: per layer, at the peak layer and averaged over layers, with intervals.
 
   x_inst, x_post [L, N, D]: activations at t_inst and t_post_inst; la [N]: +1 harmful, -1 harmless, 0 unused;
   lb [N]: +1 refused, -1 complied. Returns float lists abs_cos/low/high [L] (`coupling.coupling`), "peak"
   {value, low, high, layer} (argmax over non-degenerate layers; its per-layer interval) and "mean" {value,
   low, high} (bootstrap of the mean over non-degenerate layers, prompts resampled within the (la, lb) strata),
-  and the carriers harmfulness/refusal [L, D] float32.
+  and the carriers harmfulness/refusal [L, D] float32. within [L] bool (optional): peak and mean only over these
+  layers (e.g. the KL-admissible ones, `lvs_jax.trajectory.admissible`); per-layer values and carriers unchanged.
   """
   from lvs_jax.geometry import coupling as coupling_lib
 
   c = coupling_lib.coupling(x_inst, la, x_post, lb, n_boot=n_boot, n_null=0, seed=seed, level=level)
   live = ~np.asarray(c["degenerate"], bool)
+  if within is not None:
+    live &= np.asarray(within, bool)
   ac = np.asarray(c["abs_cos"], np.float64)
   out = dict(abs_cos=ac.tolist(), low=np.asarray(c.get("abs_cos_low", ac * np.nan)).tolist(),
              high=np.asarray(c.get("abs_cos_high", ac * np.nan)).tolist(),
@@ -356,9 +359,9 @@ def _value(m) -> float:
 
 
 def correlations(rows: Sequence[Mapping], cells: Sequence[Mapping]) -> list[dict]:
-  """Per run: Spearman rho (and n) of coupling (peak, mean) and drift angle with transfer ASR and fresh GCG ASR,
-  and which of coupling (peak or layer mean) and drift tracks transfer ASR more closely (larger |rho|; the
-  first listed wins a tie)."""
+  """Per run: Spearman rho (and n) of coupling (peak, mean), drift angle and model-level LVS with transfer ASR and
+  fresh GCG ASR, and which of coupling (peak or layer mean) and drift tracks transfer ASR more closely (larger
+  |rho|; the first listed wins a tie; LVS is reported but not part of that comparison, the seed's claim)."""
   tr = transfer_asr(rows, cells)
   out = []
   for run in dict.fromkeys(r["run"] for r in rows):
@@ -367,7 +370,7 @@ def correlations(rows: Sequence[Mapping], cells: Sequence[Mapping]) -> list[dict
     targets = {"transfer ASR": [tr[(run, r["step"])]["value"] for r in rr]}
     if gcg:
       targets["fresh GCG ASR"] = [_value(r.get(gcg[-1])) for r in rr]
-    for xkey in ("coupling/peak", "coupling/mean", "drift/angle"):
+    for xkey in ("coupling/peak", "coupling/mean", "drift/angle", "lvs/model"):
       xs = [_value(r.get(xkey)) for r in rr]
       for yname, ys in targets.items():
         rho, n = spearman(xs, ys)
