@@ -1,8 +1,8 @@
-"""Plot helpers for report sections: `bar_chart`, `line_chart`, `heatmap`.
+"""Plot helpers for report sections: `bar_chart`, `line_chart`, `heatmap`, `scatter_chart`.
 
 Each returns a matplotlib Figure drawn with the Agg backend (no display needed); pass it to
 `store.Figure(...)` and `store.Report.add_section` saves it as PNG and closes it. Non-finite values
-are drawn as gaps (lines), "n/a" labels (bars) or blank cells (heatmaps).
+are drawn as gaps (lines), "n/a" labels (bars), blank cells (heatmaps) or listed as not drawn (scatter).
 """
 
 from __future__ import annotations
@@ -139,5 +139,49 @@ def heatmap(matrix: Any, xlabels: Sequence[str], ylabels: Sequence[str], title: 
         if math.isfinite(m[i, j]):
           ax.text(j, i, f"{m[i, j]:.3g}", ha="center", va="center", fontsize=7,
                   color="black" if m[i, j] > mid else "white")
+  fig.tight_layout()
+  return fig
+
+
+def scatter_chart(points: Mapping[str, tuple[float, float]], xerr: Mapping[str, Any] | None = None,
+                  yerr: Mapping[str, Any] | None = None, xlabel: str = "", ylabel: str = "", title: str = "",
+                  xlim: tuple[float, float] | None = (0.0, 1.0),
+                  ylim: tuple[float, float] | None = (0.0, 1.0)) -> mpl_figure.Figure:
+  """One labelled point per entry, with error bars on both axes (e.g. one model per point).
+
+  Args:
+    points: {label: (x, y)}; a point with a non-finite coordinate is not drawn and is named in a note.
+    xerr, yerr: {label: [2] (below, above) half-widths, or one symmetric half-width}; labels without an
+      entry, and non-finite half-widths, get no bar.
+    xlim, ylim: axis ranges; the defaults suit rates and scores in [0, 1]; None autoscales.
+  """
+  def bar(e):
+    if e is None:
+      return None
+    a = np.asarray(e, dtype=float).reshape(-1)
+    if a.size not in (1, 2):
+      raise ValueError(f"an error bar is one half-width or (below, above), got {a.size} values")
+    return np.clip(np.nan_to_num(a, nan=0.0, posinf=0.0), 0.0, None).reshape(-1, 1)
+
+  fig, ax = plt.subplots(figsize=(6.0, 4.6))
+  skipped = []
+  for i, (label, (x, y)) in enumerate(points.items()):
+    if not (math.isfinite(x) and math.isfinite(y)):
+      skipped.append(str(label))
+      continue
+    ax.errorbar([x], [y], xerr=bar((xerr or {}).get(label)), yerr=bar((yerr or {}).get(label)), fmt="o",
+                color=f"C{i % 10}", capsize=3, label=str(label))
+    ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+  if skipped:
+    ax.text(0.01, 0.01, "not drawn (not measured): " + ", ".join(skipped), transform=ax.transAxes, fontsize=7,
+            color="grey")
+  if xlim is not None:
+    ax.set_xlim(*xlim)
+  if ylim is not None:
+    ax.set_ylim(*ylim)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
   fig.tight_layout()
   return fig
