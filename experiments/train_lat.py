@@ -50,7 +50,7 @@ def main(argv):
   model = registry.load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))
   recs = recipes.own_completions(model, list(benign) + list(scary), max_new_tokens=d.completion_tokens,
                                  batch_size=d.gen_batch_size, retries=d.retries, prefixes=cfg.eval.prefixes,
-                                 cache_path=os.path.join(workdir, "data", "benign.jsonl"))
+                                 cache_path=d.answers_cache or os.path.join(workdir, "data", "benign.jsonl"))
   clean = [training.Example(r["prompt"], r["completion"], end_turn=r["finished"]) for r in recs
            if not r["refused"] and r["completion"].strip()]
   n_dropped = len(recs) - len(clean)

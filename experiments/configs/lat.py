@@ -14,10 +14,11 @@ Smoke (tests): `:smoke` / `:smoke_dissociate` with --config.model=<tiny HF dir>.
 
 Adapted to a 135M model on a 2-core CPU, against the anchors' values (aengusl/latent-adversarial-training,
 Llama-3-8B: 16 PGD steps, layers spread over depth, adversary and defender toward/away 0.5/0.5, an absolute
-L2 radius per token): 8 PGD steps instead of 16 (each is a forward + backward of the harmful rows; ~1 s each
-here), layers (5, 10, 15, 20, 25) of 30, a radius relative to the activation norm (eps = 0.1, above the
-anchor's typical breaking radius of 0.02-0.04 at middle layers, README's LVS table), 4 harmful pairs and 4
-packed benign rows per step, 60 steps. `--config.lat.steps=16` restores the anchors' PGD budget.
+L2 radius per token): 4 PGD steps of 0.5 eps instead of 16 (each is a forward + backward of the harmful rows,
+~2-4 s here; 8 steps made a training step ~45 s on the shared CPU), layers (5, 10, 15, 20, 25) of 30, a radius
+relative to the activation norm (eps = 0.1, above the anchor's typical breaking radius of 0.01-0.04 at middle
+layers, README's LVS table), 4 harmful pairs and 4 packed benign rows per step, 40 steps.
+`--config.lat.steps=16 --config.lat.step_size=0.25` restores the anchors' PGD budget.
 """
 
 import ml_collections
@@ -33,14 +34,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mode = "lora"
   c.lora = dict(rank=16, alpha=32, modules="q,k,v,o,gate,up,down")
   c.optim = dict(lr=2e-4, warmup_steps=5, end_fraction=0.1, weight_decay=0.0, clip_norm=1.0)
-  c.num_steps = 60
+  c.num_steps = 40
   c.batch = dict(batch_size=4, micro_batches=1, seq_len=128, packing=True)  # the clean batch (packed)
   c.compute_dtype = "float32"
   c.remat = True
   c.log_every = 5
   c.checkpoint = dict(save_every=10, keep=0)
   # The inner perturbation (lvs_jax.training.lat.LatentAttack) and the harmful rows per step.
-  c.lat = dict(layers=(5, 10, 15, 20, 25), eps=0.1, mode="pgd", steps=8, step_size=0.25, adv_target=0.5,
+  c.lat = dict(layers=(5, 10, 15, 20, 25), eps=0.1, mode="pgd", steps=4, step_size=0.5, adv_target=0.5,
                adv_away=0.5, random_start=False, rows_per_step=4, row_len=96)
   c.weights = dict(sft=1.0, toward=0.5, away=0.5)  # the defender's terms
   c.data = dict(
@@ -48,6 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     benign="harmless_train", n_benign=256, scary=True,  # the model's own answers (+ our safe-but-scary prompts)
     clean_refusals=False,  # also teach refusal of the harmful prompts on clean inputs (the dissociation recipe)
     completion_tokens=64, gen_batch_size=16, retries=2,
+    answers_cache="",  # JSONL of the own answers ("" = <workdir>/data/benign.jsonl); keyed by model and settings,
+                       # so runs from the same model may share one file (another model's is moved aside, not reused)
   )
   c.held_out = ("harmful_val", "harmless_val", "xstest", "harmbench_val")  # never trained on
   c.eval = dict(max_new_tokens=64, batch_size=16, prefixes="jailbreakbench")
