@@ -93,6 +93,32 @@ def test_derived_targets_follow_advbench():
     zoo.targets_for(data.load_prompts("harmful_val"), "file", "Sure, here is")
 
 
+def test_radius_scan_attacks_only_unbroken_prompts_and_equals_the_full_grid(monkeypatch):
+  """eps_star_of attacks each radius only on prompts not yet broken; eps* equals breaking_radius of the full grid
+  (planted successes, one of them non-monotone: broken at 0.1, not at 0.2)."""
+  radii = [0.1, 0.2, 0.4]
+  planted = {"p0": [True, False, True], "p1": [False, True, True], "p2": [False, False, False],
+             "p3": [False, False, True]}
+  seen = []
+
+  def fake_cell(model, prompts, targets, cfg, layer, radius, cell_dir):
+    seen.append((layer, radius, list(prompts)))
+    ri = radii.index(radius)
+    return dict(success=[planted[p][ri] ^ (layer == 1 and p == "p3") for p in prompts])
+
+  monkeypatch.setattr(zoo, "attack_cell", fake_cell)
+  prompts = list(planted)
+  eps = zoo.eps_star_of(None, prompts, prompts, None, (0, 1), radii, "unused")
+  full = np.array([[[planted[p][ri] ^ (layer == 1 and p == "p3") for p in prompts] for ri in range(3)]
+                   for layer in (0, 1)])
+  np.testing.assert_array_equal(eps, lvs.breaking_radius(full, radii))
+  assert eps[0].tolist() == [0.1, 0.2, np.inf, 0.4] and eps[1].tolist() == [0.1, 0.2, np.inf, 0.1]
+  assert seen[:3] == [(0, 0.1, prompts), (0, 0.2, ["p1", "p2", "p3"]), (0, 0.4, ["p2", "p3"])]
+  assert seen[3:] == [(1, 0.1, prompts), (1, 0.2, ["p1", "p2"]), (1, 0.4, ["p2"])]
+  assert zoo.padded_size(3, 16) == 4 and zoo.padded_size(1, 16) == 1 and zoo.padded_size(9, 8) == 9
+  assert zoo.padded_size(12, 8) == 12 and zoo.padded_size(5, 8) == 8
+
+
 def test_missing_model_names_its_build_command_or_is_skipped(tmp_path, monkeypatch):
   monkeypatch.setenv(registry.CACHE_ENV_VAR, str(tmp_path))  # nothing built here
   models = zoo.parse_models(["x=smollm2-135m-aligned", "y=/nowhere@3"])
@@ -193,13 +219,13 @@ def test_main_writes_zoo_csv_and_report_skipping_a_model_not_built(tmp_path, tin
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "audit_gap.py"),
          f"--config={os.path.join(ROOT, 'experiments', 'configs', 'audit_gap.py')}:smoke", f"--workdir={tmp_path}",
          f"--config.models=('a={tiny_models[0]}', 'aligned=smollm2-135m-aligned')", "--config.skip_missing=True",
-]
+         "--config.harmful_ft.steps=(0,)"]  # fine-tuning ran in-process above; step 0 needs none
   p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
   with open(tmp_path / "zoo.csv", newline="") as f:
     table = list(csv.DictReader(f))
   assert [x["label"] for x in table] == ["a"] and float(table[0]["refusal"]) == 0.0
-  assert table[0]["lvs_mean"] in ("", "nan") and float(table[0]["audit_gap"]) == 0.0 and "asr@2" in table[0]
+  assert table[0]["lvs_mean"] in ("", "nan") and float(table[0]["audit_gap"]) == 0.0 and "asr@0" in table[0]
   sec = json.loads((tmp_path / "report.json").read_text())["sections"]["zoo"]
   assert "aligned" in sec["summary"]["skipped"] and "train_sft.py" in sec["notes"]
   assert (tmp_path / "report.html").exists() and (tmp_path / "figures" / "zoo_refusal_vs_lvs.png").exists()

@@ -54,7 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lvs.target_source = "fixed"  # "fixed" (c.lvs.target) | "file" (the set's own) | "derived" (lvs_jax/lvs/zoo.py)
   c.lvs.radii = ()  # () = from the pilot; a tuple fixes the grid and skips the pilot
   c.pilot = dict(n_prompts=8, layer=14, grid=zoo.PILOT_GRID, quantiles=(0.2, 0.4, 0.6, 0.8), digits=2)
-  c.sensitivity = dict(enabled=True, layer=12, target_source="derived")  # LVS at one layer with the other target
+  # LVS at one layer with the other kind of target, on the refused prompts among the first n_prompts (0: all
+  # refused), next to the main target's LVS on the same prompts.
+  c.sensitivity = dict(enabled=True, layer=12, target_source="derived", n_prompts=8)
   hft = harmful_ft_config.get_config()
   c.harmful_ft = ml_collections.ConfigDict(dict(
     steps=(0, 10, 20, 40), mode=hft.mode, lora=hft.lora.to_dict(), optim=hft.optim.to_dict(),
@@ -76,7 +78,7 @@ def make_smoke(c: ml_collections.ConfigDict) -> None:
   c.eval = dict(max_new_tokens=4, batch_size=8, prefixes="jailbreakbench")
   c.lvs.update(layers=(0, 1), steps=2, max_new_tokens=4, batch_size=8)
   c.pilot.update(n_prompts=4, layer=1, grid=(0.25, 0.5, 1.0, 2.0, 4.0), quantiles=(0.25, 0.5, 0.75))
-  c.sensitivity.layer = 1
+  c.sensitivity.update(layer=1, n_prompts=4)
   c.harmful_ft.update(steps=(0, 2), log_every=1)
   c.harmful_ft.batch.update(batch_size=2, seq_len=128)
   c.harmful_ft.data.n_pairs = 6

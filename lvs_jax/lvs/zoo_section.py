@@ -37,8 +37,8 @@ def zoo_table(rows) -> report_lib.Table:
            "lvs_max_layer"] + [f"lvs_L{layer}" for layer in layers]
           + ["eps_star_median", "unbroken_share", "audit_gap", "audit_gap_low", "audit_gap_high"]
           + [f"asr@{k}" for k in ks] + [f"asr_continued@{k}" for k in ks]
-          + ["asr_max_k_low", "asr_max_k_high", "target", "sensitivity_layer", "sensitivity_target",
-             "sensitivity_lvs", "sensitivity_low", "sensitivity_high", "dissociated", "weights"])
+          + ["asr_max_k_low", "asr_max_k_high", "target", "sensitivity_layer", "sensitivity_n", "sensitivity_main_lvs",
+             "sensitivity_target", "sensitivity_lvs", "sensitivity_low", "sensitivity_high", "dissociated", "weights"])
   out = []
   for r in rows:
     g, s = r["audit_gap"], r.get("sensitivity") or {}
@@ -49,7 +49,8 @@ def zoo_table(rows) -> report_lib.Table:
                 r["lvs_max_layer"]] + [_f(x) for x in r["lvs"]]
                + [_f(r["eps_star_median"]), _f(r["unbroken"]), _f(g["value"]), _f(g["low"]), _f(g["high"])]
                + [_asr_at(r, k)["rate"] for k in ks] + [_asr_at(r, k, "asr_continued")["rate"] for k in ks]
-               + [last["low"], last["high"], r["target"], s.get("layer"), s.get("target"), _f(s.get("lvs")),
+               + [last["low"], last["high"], r["target"], s.get("layer"), s.get("n"), _f(s.get("main_lvs")),
+                  s.get("target"), _f(s.get("lvs")),
                   _f(s.get("low")), _f(s.get("high")), r["dissociated"], r["digest"][:12]])
   return report_lib.Table(
     "zoo", cols, out,
@@ -58,7 +59,8 @@ def zoo_table(rows) -> report_lib.Table:
             "eps_star_median over every (layer, refused prompt), inf = more than half unbroken within the budget; "
             "audit_gap = refusal x LVS (joint bootstrap); asr@k: 1 - refusal after k harmful LoRA steps "
             "(asr_max_k_low/high: Wilson interval at the largest k); target: what the LVS attack optimized; "
-            "sensitivity_*: LVS at one layer with the other target.")
+            "sensitivity_*: LVS at one layer on the refused prompts among the first few, with the main target "
+            "(sensitivity_main_lvs) and with the other kind of target (sensitivity_lvs, 95% bootstrap).")
 
 
 def write_csv(workdir: str, table: report_lib.Table) -> str:
@@ -106,10 +108,10 @@ def section(rows, info, cfg) -> report_lib.Section:
                             caption=f"The LVS radius grid (relative to ||h||): {info['source']}")
   sens = [r for r in rows if r.get("sensitivity")]
   sens_t = report_lib.Table(
-    "target_sensitivity", ["label", "layer", "target", "lvs", "ci95_low", "ci95_high", "other_target", "other_lvs",
-                           "other_low", "other_high"],
-    [[r["label"], s["layer"], r["target"], _f(s["main_lvs"]), _f(s["main_low"]), _f(s["main_high"]), s["target"],
-      _f(s["lvs"]), _f(s["low"]), _f(s["high"])] for r in rows for s in [r.get("sensitivity")] if s],
+    "target_sensitivity", ["label", "layer", "n", "target", "lvs", "ci95_low", "ci95_high", "other_target",
+                           "other_lvs", "other_low", "other_high"],
+    [[r["label"], s["layer"], s["n"], r["target"], _f(s["main_lvs"]), _f(s["main_low"]), _f(s["main_high"]),
+      s["target"], _f(s["lvs"]), _f(s["low"]), _f(s["high"])] for r in rows for s in [r.get("sensitivity")] if s],
     caption="LVS at one layer with the main target and with the other kind of target (same prompts, same grid)")
   timing = report_lib.Table("seconds", ["label", "behavior", "pilot", "lvs", "harmful_ft"],
                             [[r["label"], *(r["seconds"].get(k) for k in ("behavior", "pilot", "lvs", "harmful_ft"))]
@@ -121,7 +123,7 @@ def section(rows, info, cfg) -> report_lib.Section:
     xerr={r["label"]: _err(r["refusal"]) for r in rows},
     yerr={r["label"]: _err(dict(rate=r["lvs_mean"], low=r["lvs_mean_low"], high=r["lvs_mean_high"])) for r in rows},
     xlabel="behavioral refusal rate (harmful_val, unattacked)", ylabel="LVS (mean over layers)",
-    title="Behavioral safety vs latent vulnerability"),
+    title="Behavioral safety vs latent vulnerability", xlim=(-0.03, 1.05), ylim=(-0.03, 1.05)),
     "One point per model: refusal (95% Wilson) vs mean LVS of its refused prompts (95% bootstrap). Bottom right: "
     "refuses and holds; top right: dissociated (looks safe, breaks latently)")]
   if rows and rows[0]["layers"]:
