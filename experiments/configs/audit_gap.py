@@ -7,10 +7,17 @@ the ASR after 0/10/20/40 harmful LoRA steps on AdvBench pairs, and the LVS at la
 targets next to the fixed "Sure, here is" opening. PGD settings and the greedy stopping rule: experiments/configs/
 lvs.py; harmful fine-tuning settings: experiments/configs/harmful_finetune.py (one copy of each default).
 
-The six SmolLM2-135M models (each not-yet-built model fails with the registry's build command; add
---config.skip_missing=True to tabulate the built ones; roughly 6 CPU minutes for a model that refuses few prompts
-and 10-14 for one that refuses most, on the 2-core CPU; rerunning reuses everything):
+The six SmolLM2-135M models (a model that is not built fails at once with the registry's build command; add
+--config.skip_missing=True to tabulate the built ones; rerunning reuses everything, keyed by content):
   python experiments/audit_gap.py --config=experiments/configs/audit_gap.py --workdir=/tmp/zoo
+
+Cost on the 2-core CPU (estimated, not measured end to end: BENCHMARKS.md's generation and LoRA step times, and a
+timed PGD batch, 13 gradient steps on 16 prompts x 72 tokens from layer 14: 46 s measured at load average 3.9, so
+roughly 23 s on a quiet CPU): per model ~1.5 min of generations (harmful_val, XSTest) and ~3 min of harmful LoRA
+(40 steps + 3 evaluations), plus the attacks, which scale with the refused prompts: ~2 min for a model refusing
+few (the instruct model refuses 1 of 39), so ~6-7 min in all; 15-25 min more for a model refusing most (6 layers x
+4 radii x ~36 prompts, each radius only on the prompts not broken at a smaller one), more for a latently robust one
+(unbroken prompts run every step). Half the attacks: --config.lvs.layers="(6, 14, 22)" --config.sensitivity.layer=14.
 
 Other models ("label=spec": a registered name, an HF directory, a .gguf file or "<training workdir>@<step>"):
   python experiments/audit_gap.py --config=experiments/configs/audit_gap.py --workdir=/tmp/zoo \
@@ -76,7 +83,7 @@ def make_smoke(c: ml_collections.ConfigDict) -> None:
   c.harmful.n = 4
   c.xstest.n = 4
   c.eval = dict(max_new_tokens=4, batch_size=8, prefixes="jailbreakbench")
-  c.lvs.update(layers=(0, 1), steps=2, max_new_tokens=4, batch_size=8)
+  c.lvs.update(layers=(0, 1), steps=2, max_new_tokens=4, batch_size=1)
   c.pilot.update(n_prompts=4, layer=1, grid=(0.25, 0.5, 1.0, 2.0, 4.0), quantiles=(0.25, 0.5, 0.75))
   c.sensitivity.update(layer=1, n_prompts=4)
   c.harmful_ft.update(steps=(0, 2), log_every=1)
