@@ -1,23 +1,20 @@
-r"""The model zoo and the audit gap (issue 15; lvs_jax/lvs/zoo.py): per model, behavioral refusal on held-out
-harmful_val (39 prompts, greedy 64 tokens, JailbreakBench substring judge, Wilson 95%), XSTest over-refusal (100
-seeded safe prompts), LVS per layer (layers 4-24 every 4th) with bootstrap intervals on a radius grid chosen from a
-pilot (the refused prompts among the first 8, layer 14, grid 0.005 x 2^k up to 0.64; evaluation grid = the
-20/40/60/80% quantiles of the pooled pilot breaking radii), the eps* distribution, the audit gap (refusal x LVS),
-the ASR after 0/10/20/40 harmful LoRA steps on AdvBench pairs, and the LVS at layer 12 with derived per-prompt
-targets next to the fixed "Sure, here is" opening. PGD settings and the greedy stopping rule: experiments/configs/
-lvs.py; harmful fine-tuning settings: experiments/configs/harmful_finetune.py (one copy of each default).
+r"""The model zoo and the audit gap (issue 15; lvs_jax/lvs/zoo.py). Per model: behavioral refusal on held-out
+harmful_val (39 prompts, greedy 64 tokens, JailbreakBench substring judge, Wilson 95%); XSTest over-refusal (100
+seeded safe prompts); LVS per layer (layers 6, 14, 22: shallow, middle, deep) with bootstrap intervals on a radius
+grid chosen from a pilot (the refused prompts among the first 8, layer 14, grid 0.005 x 2^k up to 0.64; the
+evaluation grid = the 20/40/60/80% quantiles of the pooled pilot breaking radii); the eps* distribution; the audit
+gap (refusal x LVS); the ASR after 0/10/20 harmful LoRA steps on AdvBench pairs; and the LVS at layer 14 with
+derived per-prompt targets next to the fixed "Sure, here is" opening. PGD settings and the greedy stopping rule:
+experiments/configs/lvs.py; harmful fine-tuning settings: experiments/configs/harmful_finetune.py (one copy each).
 
 The six SmolLM2-135M models (a model that is not built fails at once with the registry's build command; add
 --config.skip_missing=True to tabulate the built ones; rerunning reuses everything, keyed by content):
   python experiments/audit_gap.py --config=experiments/configs/audit_gap.py --workdir=/tmp/zoo
 
-Cost on the 2-core CPU (estimated, not measured end to end: BENCHMARKS.md's generation and LoRA step times, and a
-timed PGD batch, 13 gradient steps on 16 prompts x 72 tokens from layer 14: 46 s measured at load average 3.9, so
-roughly 23 s on a quiet CPU): per model ~1.5 min of generations (harmful_val, XSTest) and ~3 min of harmful LoRA
-(40 steps + 3 evaluations), plus the attacks, which scale with the refused prompts: ~2 min for a model refusing
-few (the instruct model refuses 1 of 39), so ~6-7 min in all; 15-25 min more for a model refusing most (6 layers x
-4 radii x ~36 prompts, each radius only on the prompts not broken at a smaller one), more for a latently robust one
-(unbroken prompts run every step). Half the attacks: --config.lvs.layers="(6, 14, 22)" --config.sensitivity.layer=14.
+Cost on the 2-core CPU: per model ~1.5 min of generations (harmful_val, XSTest), ~2-3 min of harmful LoRA (20
+steps + 3 evaluations) and the attacks, which scale with the refused prompts (3 layers x 4 radii, each radius only
+on the prompts not broken at a smaller one; a PGD batch of 16 prompts is ~25 s on a quiet CPU); measured wall times
+per model are in BENCHMARKS.md. More layers: --config.lvs.layers="(4, 8, 12, 16, 20, 24)".
 
 Other models ("label=spec": a registered name, an HF directory, a .gguf file or "<training workdir>@<step>"):
   python experiments/audit_gap.py --config=experiments/configs/audit_gap.py --workdir=/tmp/zoo \
@@ -57,16 +54,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = dict(max_new_tokens=64, batch_size=16, prefixes="jailbreakbench")  # one judge for everything
   section = lvs_config.section_config()
   c.lvs = ml_collections.ConfigDict({k: section[k] for k in ATTACK_FIELDS})
-  c.lvs.layers = (4, 8, 12, 16, 20, 24)
+  c.lvs.layers = (6, 14, 22)  # shallow / middle / deep (the intermediate-layer claim); CPU-sized
   c.lvs.target_source = "fixed"  # "fixed" (c.lvs.target) | "file" (the set's own) | "derived" (lvs_jax/lvs/zoo.py)
   c.lvs.radii = ()  # () = from the pilot; a tuple fixes the grid and skips the pilot
   c.pilot = dict(n_prompts=8, layer=14, grid=zoo.PILOT_GRID, quantiles=(0.2, 0.4, 0.6, 0.8), digits=2)
   # LVS at one layer with the other kind of target, on the refused prompts among the first n_prompts (0: all
   # refused), next to the main target's LVS on the same prompts.
-  c.sensitivity = dict(enabled=True, layer=12, target_source="derived", n_prompts=8)
+  c.sensitivity = dict(enabled=True, layer=14, target_source="derived", n_prompts=8)
   hft = harmful_ft_config.get_config()
   c.harmful_ft = ml_collections.ConfigDict(dict(
-    steps=(0, 10, 20, 40), mode=hft.mode, lora=hft.lora.to_dict(), optim=hft.optim.to_dict(),
+    steps=(0, 10, 20), mode=hft.mode, lora=hft.lora.to_dict(), optim=hft.optim.to_dict(),
     batch=hft.batch.to_dict(), compute_dtype=hft.compute_dtype, remat=hft.remat, log_every=hft.log_every,
     data=hft.data.to_dict(), min_continued_words=hft.eval.min_continued_words))
   if arg == "smoke":
