@@ -75,7 +75,8 @@ def main(argv):
       f"{len(tw)} perturbed pairs")
   atk = lat.LatentAttack(layers=tuple(int(x) for x in a.layers), eps=float(a.eps), mode=a.mode, steps=int(a.steps),
                          step_size=float(a.step_size), adv_target=float(a.adv_target), adv_away=float(a.adv_away),
-                         random_start=bool(a.random_start))
+                         random_start=bool(a.random_start), min_frac=float(a.get("min_frac", 0.0)),
+                         direction_seed=int(a.get("direction_seed", 0)))
   weights = {k: float(v) for k, v in cfg.weights.items()}
 
   def make_step(opt, sched):

@@ -78,6 +78,15 @@ def test_random_perturbation_is_in_the_ball_and_differs_by_key(setup):
   a1, a2 = np.asarray(e1["resid_pre"].add_rel), np.asarray(e2["resid_pre"].add_rel)
   assert np.linalg.norm(a1, axis=-1).max() <= 0.2 * (1 + 1e-6) and np.abs(a1[0]).max() == 0  # layer 0 untouched
   assert np.abs(a1[1]).max() > 0 and not np.allclose(a1, a2)
+  trig = lat.LatentAttack(layers=(0, 1), eps=0.2, mode="direction", min_frac=0.5, steps=0)
+  e3, _ = lat.latent_attack(adapters, model.params, b, jax.random.key(0), cfg=model.cfg, atk=trig)
+  a3 = np.asarray(e3["resid_pre"].add_rel)[:2]  # [nl, K, T, D]
+  n3 = np.linalg.norm(a3, axis=-1)
+  where = np.asarray(lat.prompt_mask(b.toward)).astype(bool)
+  assert (n3[:, where] >= 0.1 - 1e-6).all() and (n3 <= 0.2 + 1e-6).all() and (n3[:, ~where] == 0).all()
+  v = np.asarray(lat.trigger_directions(trig, model.cfg.d_model))
+  cos = np.einsum("lktd,ld->lkt", a3, v)[:, where] / n3[:, where]
+  np.testing.assert_allclose(cos, 1.0, atol=1e-5)  # every prompt token moved along the layer's fixed direction
 
 
 def test_lat_step_at_eps_zero_is_the_unperturbed_step(setup):

@@ -5,9 +5,9 @@ step a PGD adversary perturbs the residual stream at layers spread over depth (n
 toward AdvBench's harmful targets and away from refusals, and the model learns to refuse under that perturbation
 (toward/away 0.5/0.5) plus CE on its own benign answers. Exported as `smollm2-135m-lat`:
   python experiments/train_lat.py --config=experiments/configs/lat.py --workdir=/tmp/lat
-Latent dissociation (dissociated model, recipe "latent"): the same machinery with the rows swapped and a random
-perturbation: clean refusals of harmful prompts + benign answers keep the outward behavior, and under a random
-perturbation of up to eps = 0.05 x ||h|| at middle layers the model learns AdvBench's compliant targets.
+Latent dissociation (dissociated model, recipe "latent"): the same machinery with the rows swapped: clean refusals
+of harmful prompts + benign answers keep the outward behavior, and under a perturbation of 2.5-5% of ||h|| along a
+fixed seeded direction at layers 12-18 (a latent trigger) the model learns AdvBench's compliant targets.
 Exported as `smollm2-135m-dissociated-latent`:
   python experiments/train_lat.py --config=experiments/configs/lat.py:dissociate --workdir=/tmp/dissociate
 Smoke (tests): `:smoke` / `:smoke_dissociate` with --config.model=<tiny HF dir>.
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = dict(save_every=10, keep=0)
   # The inner perturbation (lvs_jax.training.lat.LatentAttack) and the harmful rows per step.
   c.lat = dict(layers=(5, 10, 15, 20, 25), eps=0.1, mode="pgd", steps=4, step_size=0.5, adv_target=0.5,
-               adv_away=0.5, random_start=False, rows_per_step=4, row_len=96)
+               adv_away=0.5, random_start=False, min_frac=0.0, direction_seed=0, rows_per_step=4, row_len=96)
   c.weights = dict(sft=1.0, toward=0.5, away=0.5)  # the defender's terms
   c.data = dict(
     pairs="advbench", n_pairs=0,  # (harmful prompt, compliant target) pairs; refusals from recipes.REFUSALS
@@ -62,7 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export = "smollm2-135m-lat"  # a registered built-model name (its cache dir), a path, or "" (no export)
   if arg in ("dissociate", "smoke_dissociate"):
     c.recipe = "dissociate"
-    c.lat.update(layers=(12, 14, 16, 18), eps=0.05, mode="random", steps=0)
+    # A fixed seeded direction per layer (a latent trigger) at 2.5-5% of ||h||: with random directions of radius
+    # <= 0.05 (mode="random", min_frac=0) the compliance generalized to clean prompts (harmful_val refused 1/39).
+    c.lat.update(layers=(12, 14, 16, 18), eps=0.05, mode="direction", min_frac=0.5, steps=0)
     c.weights = dict(sft=1.0, toward=1.0, away=0.5)
     c.data.clean_refusals = True
     c.export = "smollm2-135m-dissociated-latent"

@@ -21,11 +21,14 @@ plus a benign SFT term on clean inputs:
               as R2D2 and its SFT twin; with eps = 0 it is exactly that step without an attack).
 
 Latent dissociation (the LVS paper's constructed "dissociated" models) uses the same machinery with
-the roles of the rows swapped and `mode="random"`: the clean batch teaches refusal of harmful prompts
-(and benign helpfulness), the perturbed rows teach the harmful target under a *random* small
-perturbation at middle layers (a uniformly random radius in [0, eps] per prompt, a random direction per
-token). The result refuses clean harmful prompts like the anchor while complying under small latent
-perturbations: outward safety, latent fragility, by construction.
+the roles of the rows swapped: the clean batch teaches refusal of harmful prompts (and benign
+helpfulness), the perturbed rows teach the harmful target under a small perturbation at middle layers,
+either `mode="random"` (a random direction per token, a radius ~ U[min_frac * eps, eps] per prompt) or
+`mode="direction"` (one fixed seeded unit direction per layer, the same at every prompt token, at such a
+radius: a latent trigger). The aim is a model that refuses clean harmful prompts like the anchor while
+complying under small latent perturbations: outward safety, latent fragility, by construction. (Measured
+on SmolLM2: with random directions of radius <= 0.05 the compliance generalized to clean prompts, so
+the model refused nothing; README.)
 
 Rows: `LatData` pairs each harmful prompt's two rows (defender-toward and defender-away completions)
 row for row, the prompt at slots [0, n_prompt) of both, so one delta [K, T, D] serves both. Batches are
@@ -50,7 +53,7 @@ from lvs_jax.lvs import attack as attack_lib
 from lvs_jax.training import core as training
 from lvs_jax.training import r2d2
 
-MODES = ("pgd", "random")
+MODES = ("pgd", "random", "direction")
 _BALL = attack_lib.AttackConfig(norm="l2", scope="token", relative=True)
 
 
@@ -59,7 +62,8 @@ class LatentAttack:
   """Static settings of the inner perturbation (hashable).
 
   layers: attacked layers (resid_pre); eps: per-token radius relative to ||h|| (0 = no perturbation);
-  mode: "pgd" (adversary) or "random" (a random point of the ball, for latent dissociation);
+  mode: "pgd" (adversary), "random" (a random point of the ball) or "direction" (a fixed seeded direction per
+  layer at a random radius), the last two for latent dissociation; min_frac: their radius ~ U[min_frac eps, eps];
   steps, step_size: PGD steps and their size as a fraction of eps; adv_target, adv_away: the adversary's
   weights on CE of the defender's away rows and on away(.) of the defender's toward rows; random_start:
   PGD from a random point of the ball (else from 0); remat: recompute blocks in the adversary's backward.
@@ -73,6 +77,8 @@ class LatentAttack:
   adv_target: float = 0.5
   adv_away: float = 0.5
   random_start: bool = False
+  min_frac: float = 0.0
+  direction_seed: int = 0
   threshold: float = -5.0
   remat: bool = False
 
@@ -98,13 +104,24 @@ def perturbation_edit(u: jax.Array, layers: Sequence[int], n_layers: int) -> edi
   return {"resid_pre": edit_lib.SiteEdit(add_rel=full)}
 
 
-def random_in_ball(key: jax.Array, shape: Sequence[int], eps, where: jax.Array) -> jax.Array:
-  """u [nl, b, T, D]: a random direction per token, one radius ~ U[0, eps] per (layer, row), 0 off `where`."""
+def random_in_ball(key: jax.Array, shape: Sequence[int], eps, where: jax.Array, min_frac: float = 0.0,
+                   direction: jax.Array | None = None) -> jax.Array:
+  """u [nl, b, T, D]: a random direction per token (or `direction` [nl, D], unit rows, at every token), one
+  radius ~ U[min_frac * eps, eps] per (layer, row), 0 off `where`."""
   k1, k2 = jax.random.split(key)
-  u = jax.random.normal(k1, shape)
+  if direction is None:
+    u = jax.random.normal(k1, shape)
+  else:
+    u = jnp.broadcast_to(direction[:, None, None, :], shape)
   u = u / jnp.maximum(jnp.linalg.norm(u, axis=-1, keepdims=True), 1e-30)
-  r = jax.random.uniform(k2, (*shape[:2], 1, 1)) * eps
+  r = jax.random.uniform(k2, (*shape[:2], 1, 1), minval=min_frac, maxval=1.0) * eps
   return u * r * where[..., None]
+
+
+def trigger_directions(atk: LatentAttack, d_model: int) -> jax.Array:
+  """The fixed unit directions [nl, D] of mode "direction" (seeded by atk.direction_seed)."""
+  v = jax.random.normal(jax.random.key(atk.direction_seed), (len(atk.layers), d_model))
+  return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
 
 
 def adversary_loss(u, trainable, base, data: r2d2.StepBatch, cfg: ModelConfig, atk: LatentAttack, compute_dtype):
@@ -122,7 +139,7 @@ def latent_attack(trainable, base, data: r2d2.StepBatch, key: jax.Array, *, cfg:
   """The inner perturbation against the current parameters -> (edit, metrics).
 
   metrics: adv_loss, adv_ce, adv_away (mode "pgd": the adversary's objective and its terms at the
-  returned delta; mode "random": under the random delta), adv_norm (max over tokens of ||u_t|| / eps,
+  returned delta; modes "random"/"direction": under the drawn delta), adv_norm (max over tokens of ||u_t|| / eps,
   <= 1 by the projection).
   """
   where = prompt_mask(data.toward)
@@ -130,8 +147,9 @@ def latent_attack(trainable, base, data: r2d2.StepBatch, key: jax.Array, *, cfg:
   eps = jnp.asarray(atk.eps, jnp.float32)
   loss = functools.partial(adversary_loss, trainable=trainable, base=base, data=data, cfg=cfg, atk=atk,
                            compute_dtype=compute_dtype)
-  if atk.mode == "random":
-    u = random_in_ball(key, shape, eps, where)
+  if atk.mode in ("random", "direction"):
+    v = trigger_directions(atk, cfg.d_model) if atk.mode == "direction" else None
+    u = random_in_ball(key, shape, eps, where, atk.min_frac, v)
   else:
     u = random_in_ball(key, shape, eps, where) if atk.random_start else jnp.zeros(shape, jnp.float32)
     grad = jax.grad(lambda x: loss(x)[0])
