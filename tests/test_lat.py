@@ -136,13 +136,11 @@ def test_recipe_smoke_run_exports_a_loadable_model_and_resumes(tmp_path, tiny_ch
   assert r2.returncode == 0 and "resuming from step 2" in r2.stdout
 
 
-def test_realign_recipe_trains_refusals_only_from_a_harmfully_finetuned_model(tmp_path, tiny_chat_model, jax_cache):  # noqa: F811
-  hft, export = tmp_path / "hft", tmp_path / "realigned"
-  r = _run("harmful_finetune.py", "harmful_finetune.py:smoke", hft, jax_cache, f"--config.model={tiny_chat_model}",
-           f"--config.export={tmp_path / 'hft_model'}")
-  assert r.returncode == 0, r.stderr[-3000:]
+def test_realign_recipe_trains_refusals_only(tmp_path, tiny_chat_model, jax_cache):  # noqa: F811
+  # The recipe's first stage (harmful_finetune with --config.export) is tested in test_training_experiments.
+  export = tmp_path / "realigned"
   wd = tmp_path / "realign"
-  r = _run("train_sft.py", "safety_sft.py:smoke", wd, jax_cache, f"--config.model={tmp_path / 'hft_model'}",
+  r = _run("train_sft.py", "safety_sft.py:smoke", wd, jax_cache, f"--config.model={tiny_chat_model}",
            "--config.data.refusal_only=True", f"--config.export={export}")
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   sec = json.loads((wd / "report.json").read_text())["sections"]["training"]

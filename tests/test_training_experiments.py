@@ -100,8 +100,12 @@ def test_aligned_anchor_missing_names_the_build_command(tmp_path, monkeypatch):
 
 def test_harmful_finetune_smoke_writes_asr_trajectory_and_resumes(tmp_path, tiny_chat_model, jax_cache):
   wd = tmp_path / "hft"
-  r = _run("harmful_finetune.py", "harmful_finetune.py:smoke", wd, jax_cache, f"--config.model={tiny_chat_model}")
+  r = _run("harmful_finetune.py", "harmful_finetune.py:smoke", wd, jax_cache, f"--config.model={tiny_chat_model}",
+           f"--config.export={tmp_path / 'hft_model'}")
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  from lvs_jax.io import registry
+
+  assert registry.load_model(str(tmp_path / "hft_model")).cfg.n_layers == 2  # the exported final weights load
   lines = (wd / "trajectory.csv").read_text().splitlines()
   assert lines[0].startswith("step,asr") and [int(x.split(",")[0]) for x in lines[1:]] == [0, 1, 2]
   sec = json.loads((wd / "report.json").read_text())["sections"]["training"]
