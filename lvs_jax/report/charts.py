@@ -27,7 +27,10 @@ def _yerr(errors: Any, n: int) -> np.ndarray | None:
   e = np.asarray(errors, dtype=float)
   if e.shape not in ((n,), (2, n)):
     raise ValueError(f"errors must have shape [{n}] or [2, {n}] (below, above), got {e.shape}")
-  return e
+  if (e < -1e-9).any():
+    raise ValueError(f"error bars must be half-widths >= 0, got {e.min():.3g} (an interval not around its value?)")
+  # Rounding: a Wilson bound at 0 or 1 can miss its rate by ~1e-17, which matplotlib rejects.
+  return np.maximum(e, 0.0)
 
 
 def bar_chart(labels: Sequence[str], values: Sequence[float], errors: Any = None, title: str = "",
