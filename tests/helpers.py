@@ -79,3 +79,29 @@ def kill_after_step(p, metrics_path, target: int, delay: float, timeout: float =
   time.sleep(delay)
   p.send_signal(signal.SIGKILL)
   return finish(p)
+
+
+CHAT_TEMPLATE = (
+  "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+  "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+  "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def chat_tokenizer():
+  """A 300-token byte-level BPE tokenizer with SmolLM2's chat template (for tiny random chat models)."""
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tk = Tokenizer(models.BPE())
+  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tk.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tk.train_from_iterator(["How do I bake bread? I'm sorry, but I can't help with that. Sure, here is a plan."] * 4,
+                         trainer)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                              pad_token="<|im_end|>", unk_token="<|endoftext|>")
+  fast.chat_template = CHAT_TEMPLATE
+  return fast

@@ -16,31 +16,15 @@ from lvs_jax.core import model as model_lib
 from lvs_jax.core.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEMPLATE = (
-  "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-  "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
-  "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory):
-  import transformers
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from helpers import chat_tokenizer
 
   from lvs_jax.io import hf
 
-  tk = Tokenizer(models.BPE())
-  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tk.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tk.train_from_iterator(["How do I bake bread? I'm sorry, but I can't help with that. Sure, here is a plan."] * 4,
-                         trainer)
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                                              pad_token="<|im_end|>", unk_token="<|endoftext|>")
-  fast.chat_template = TEMPLATE
+  fast = chat_tokenizer()
   cfg = ModelConfig(arch="llama", vocab_size=len(fast), d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
                     d_ff=64, max_position=1024, tie_embeddings=True)
   params = jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.key(0))
