@@ -36,6 +36,12 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
   return (max(0.0, center - half), min(1.0, center + half))
 
 
+def rate(k: int, n: int) -> dict:
+  """{rate, low, high, k, n}: k/n (nan when n == 0) with its 95% Wilson interval, the form every report row uses."""
+  lo, hi = wilson_interval(k, n)
+  return dict(rate=k / n if n else math.nan, low=lo, high=hi, k=int(k), n=int(n))
+
+
 def bootstrap_indices(rng: np.random.Generator | int, n: int, n_boot: int) -> np.ndarray:
   """[n_boot, n] int indices: n_boot resamples of n items with replacement. rng: a Generator or a seed."""
   if n <= 0:

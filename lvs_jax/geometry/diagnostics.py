@@ -177,11 +177,6 @@ def word_count(text: str) -> int:
   return len(re.findall(r"[^\W\d_]{2,}", text))
 
 
-def _rate(k: int, n: int) -> dict:
-  lo, hi = stats.wilson_interval(k, n)
-  return dict(rate=k / n if n else math.nan, low=lo, high=hi, k=int(k), n=int(n))
-
-
 def _evaluate(model, name, prompts, *, cache_dir, edit, max_new_tokens, batch_size, prefixes, progress):
   path = os.path.join(cache_dir, f"{name}.jsonl") if cache_dir else None
   return behavior.evaluate_refusal(model, name, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -207,10 +202,10 @@ def robust_refusal(model: LoadedModel, harmful: Sequence[str], *,
     results[name] = _evaluate(model, f"harmful_{name}", wrapped, cache_dir=cache_dir, edit=edit,
                               max_new_tokens=max_new_tokens, batch_size=batch_size, prefixes=prefixes,
                               progress=progress)
-  conditions = {name: dict(_rate(r.n_refused, r.n), refusal_score=r.refusal_score) for name, r in results.items()}
+  conditions = {name: dict(stats.rate(r.n_refused, r.n), refusal_score=r.refusal_score) for name, r in results.items()}
   refused_all = np.all([[rec["refused"] for rec in r.records] for r in results.values()], axis=0)
   tpl_rates = [conditions[n]["rate"] for n in templates]
-  return dict(conditions=conditions, robust=_rate(int(refused_all.sum()), len(harmful)),
+  return dict(conditions=conditions, robust=stats.rate(int(refused_all.sum()), len(harmful)),
               mean_template_rate=float(np.mean(tpl_rates)) if tpl_rates else math.nan, results=results)
 
 
@@ -227,7 +222,7 @@ def harmful_usefulness(model: LoadedModel, harmful: Sequence[str], *, cache_dir:
                 batch_size=batch_size, prefixes=prefixes, progress=progress)
   answered = [not rec["refused"] for rec in r.records]
   subst = [a and word_count(rec["completion"]) >= min_words for a, rec in zip(answered, r.records)]
-  return dict(asr=_rate(sum(answered), r.n), asr_substantive=_rate(sum(subst), r.n), result=r)
+  return dict(asr=stats.rate(sum(answered), r.n), asr_substantive=stats.rate(sum(subst), r.n), result=r)
 
 
 def exaggerated_safety(model: LoadedModel, xstest_safe: Sequence[str], *, cache_dir: str | None = None,
@@ -236,7 +231,7 @@ def exaggerated_safety(model: LoadedModel, xstest_safe: Sequence[str], *, cache_
   """Refusal rate on XSTest `safe` prompts (lower is better) -> {"refusal": {rate, low, high, k, n}, "result"}."""
   r = _evaluate(model, "xstest_safe", xstest_safe, cache_dir=cache_dir, edit=edit, max_new_tokens=max_new_tokens,
                 batch_size=batch_size, prefixes=prefixes, progress=progress)
-  return dict(refusal=_rate(r.n_refused, r.n), result=r)
+  return dict(refusal=stats.rate(r.n_refused, r.n), result=r)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -280,7 +275,7 @@ def qa_likelihood(model: LoadedModel, items: Sequence[Mapping] = BENIGN_QA, *, e
     correct.append(ok)
     per_item.append(dict(question=it["question"], bits_per_byte=float(b[0]), correct=ok))
   ref = np.array([p["bits_per_byte"] for p in per_item])
-  return dict(ref_bits_per_byte=float(ref.mean()), mc_accuracy=_rate(sum(correct), len(items)), per_item=per_item)
+  return dict(ref_bits_per_byte=float(ref.mean()), mc_accuracy=stats.rate(sum(correct), len(items)), per_item=per_item)
 
 
 def benign_utility(model: LoadedModel, harmless: Sequence[str], *, items: Sequence[Mapping] = BENIGN_QA,
@@ -297,7 +292,7 @@ def benign_utility(model: LoadedModel, harmless: Sequence[str], *, items: Sequen
   complied = [not rec["refused"] for rec in r.records]
   subst = [c and word_count(rec["completion"]) >= min_words for c, rec in zip(complied, r.records)]
   qa = qa_likelihood(model, items, edit=edit, batch_size=batch_size)
-  return dict(compliance=_rate(sum(complied), r.n), compliance_substantive=_rate(sum(subst), r.n),
+  return dict(compliance=stats.rate(sum(complied), r.n), compliance_substantive=stats.rate(sum(subst), r.n),
               ref_bits_per_byte=qa["ref_bits_per_byte"], mc_accuracy=qa["mc_accuracy"], qa=qa, result=r)
 
 

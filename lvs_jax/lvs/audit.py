@@ -152,6 +152,31 @@ def summarize(cells: dict, layers, radii, n_boot: int = 1000, seed: int = 0) -> 
               reason="" if n else lvs_report.NOT_ATTACKED)
 
 
+def measure(model, prompts, targets, cfg, d: str, mesh=None, params=None, progress: bool = True) -> dict:
+  """The LVS measurement under directory d: the unattacked baseline (d/behavior.jsonl), the PGD cells on the
+  refused prompts (every prompt when cfg.only_refused is False; d/cells/), `summarize` plus the audit gap with
+  its joint bootstrap, written to d/summary.json. Returns the summary with n_refused and refused_flags [N] added
+  (None cells when nothing is attacked: `summarize({})`, LVS not measured)."""
+  files.makedirs(d)
+  base = behavior.evaluate_refusal(model, "lvs_behavior", prompts, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size, prefixes=cfg.judge_prefixes,
+                                   cache_path=os.path.join(d, "behavior.jsonl"), progress=progress)
+  flags = np.array([bool(r["refused"]) for r in base.records])
+  logging.info("model refuses %d of %d prompts unattacked", int(flags.sum()), len(prompts))
+  attacked = np.flatnonzero(flags) if cfg.only_refused else np.arange(len(prompts))
+  if len(attacked):
+    cells = run_cells(model, [prompts[i] for i in attacked], [targets[i] for i in attacked], cfg,
+                      os.path.join(d, "cells"), mesh, params)
+    summary = summarize(cells, cfg.layers, cfg.radii, seed=cfg.seed)
+  else:
+    summary = summarize({}, list(cfg.layers), cfg.radii)
+  eps_refused = summary["eps_star"] if cfg.only_refused else summary["eps_star"][:, flags]
+  gap = lvs.audit_gap(flags, eps_refused, cfg.radii, seed=cfg.seed)
+  summary.update(audit_gap=gap[0], audit_gap_low=gap[1], audit_gap_high=gap[2])
+  files.atomic_write_json(os.path.join(d, "summary.json"), summary)
+  return dict(summary, n_refused=int(flags.sum()), refused_flags=flags)
+
+
 def run(model, prompts, targets, cfg, workdir: str, mesh=None, rules=None) -> report_lib.Section:
   """Everything above, resumable; returns the section (the caller adds it to the report).
 
@@ -164,25 +189,13 @@ def run(model, prompts, targets, cfg, workdir: str, mesh=None, rules=None) -> re
   files.makedirs(d)
   params = None if mesh is None else sharding.on_mesh(model.params, model.cfg, mesh,
                                                      sharding.REPLICATED if rules is None else rules)
-  base = behavior.evaluate_refusal(model, "lvs_behavior", prompts, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size, prefixes=cfg.judge_prefixes,
-                                   cache_path=os.path.join(d, "behavior.jsonl"))
-  refused = [i for i, r in enumerate(base.records) if r["refused"]]
-  logging.info("model refuses %d of %d prompts unattacked", len(refused), len(prompts))
-  n_refused = len(refused)
-  if not cfg.only_refused:  # attack everything (smoke tests, or to study compliant prompts too)
-    refused = list(range(len(prompts)))
+  summary = measure(model, prompts, targets, cfg, d, mesh, params)
   n_sw = cfg.sweep_prompts or len(prompts)
   sweep = (run_sweep(model, prompts[:n_sw], targets[:n_sw], cfg, os.path.join(d, "sweep.npz"), mesh, params)
            if cfg.sweep else None)
-  if not refused:
-    return lvs_report.lvs_section(summarize({}, list(cfg.layers), cfg.radii), sweep, len(prompts), 0, 0, cfg)
-  rp, rt = [prompts[i] for i in refused], [targets[i] for i in refused]
-  cells = run_cells(model, rp, rt, cfg, os.path.join(d, "cells"), mesh, params)
-  summary = summarize(cells, cfg.layers, cfg.radii, seed=cfg.seed)
-  flags = np.array([bool(r["refused"]) for r in base.records])
-  eps_refused = summary["eps_star"] if cfg.only_refused else summary["eps_star"][:, flags]
-  gap = lvs.audit_gap(flags, eps_refused, cfg.radii, seed=cfg.seed)
-  summary.update(audit_gap=gap[0], audit_gap_low=gap[1], audit_gap_high=gap[2])
-  files.atomic_write_json(os.path.join(d, "summary.json"), summary)
-  return lvs_report.lvs_section(summary, sweep, len(prompts), n_refused, len(refused), cfg)
+  summary.pop("refused_flags")
+  n_refused = summary.pop("n_refused")
+  if not summary["n_attacked"]:  # the section reports the gap as not measured when nothing was attacked
+    for k in ("audit_gap", "audit_gap_low", "audit_gap_high"):
+      summary.pop(k)
+  return lvs_report.lvs_section(summary, sweep, len(prompts), n_refused, int(summary["n_attacked"]), cfg)

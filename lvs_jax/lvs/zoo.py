@@ -206,11 +206,6 @@ def check_layers(model, cfg, label: str) -> None:
     raise ValueError(f"zoo: model {label!r} has {n} layers; lvs.layers / pilot.layer {bad} are out of range")
 
 
-def _rate(k: int, n: int) -> dict:
-  lo, hi = stats.wilson_interval(k, n)
-  return dict(rate=k / n if n else float("nan"), low=lo, high=hi, k=int(k), n=int(n))
-
-
 # ----------------------------------------------------------------------------- per model work
 
 
@@ -351,7 +346,7 @@ def asr_row(k: int, result, min_continued_words: int) -> dict:
   n = result.n
   cont = sum(not r["refused"] and recipes.continued_words(r["completion"]) >= min_continued_words
              for r in result.records)
-  return dict(step=int(k), asr=_rate(n - result.n_refused, n), asr_continued=_rate(cont, n))
+  return dict(step=int(k), asr=stats.rate(n - result.n_refused, n), asr_continued=stats.rate(cont, n))
 
 
 def harmful_ft(model, spec: str, harmful, base_result, cfg, mdir, held_out: Sequence[Sequence[str]]) -> list[dict]:
@@ -476,8 +471,8 @@ def run(cfg, workdir: str, load_model: Callable | None = None) -> tuple[list[dic
       done[digest] = dict(m, harmful_ft=ft, seconds=dict(a["seconds"], lvs=t1 - t0, harmful_ft=time.time() - t1))
     beh = a["behavior"]
     rows.append(dict(label=label, spec=spec, digest=digest, refused=a["refused"],
-                     refusal=_rate(beh["harmful"].n_refused, beh["harmful"].n),
-                     over_refusal=_rate(beh["xstest_safe"].n_refused, beh["xstest_safe"].n),
+                     refusal=stats.rate(beh["harmful"].n_refused, beh["harmful"].n),
+                     over_refusal=stats.rate(beh["xstest_safe"].n_refused, beh["xstest_safe"].n),
                      pilot_eps_star=a["pilot"], grid=grid, **done[digest]))
     files.atomic_write_json(os.path.join(root, "rows.json"), rows, indent=1)
   return rows, info

@@ -129,11 +129,6 @@ def seconds_per_step(path: str) -> float:
   return recipes.seconds_per_step(training.read_metrics(metrics) if os.path.exists(metrics) else [])
 
 
-def _rate(k: int, n: int) -> dict:
-  lo, hi = stats.wilson_interval(k, n)
-  return dict(rate=k / n if n else float("nan"), low=lo, high=hi, k=k, n=n)
-
-
 def evaluate_model(model, sets: Mapping[str, Sequence[str]], cfg, model_dir: str) -> dict:
   """Behavior on every set and a fresh GCG attack against `model` (cached under model_dir)."""
   from lvs_jax.training import recipes
@@ -142,7 +137,7 @@ def evaluate_model(model, sets: Mapping[str, Sequence[str]], cfg, model_dir: str
   t0 = time.time()
   results = recipes.evaluate(model, sets, os.path.join(model_dir, "eval"), max_new_tokens=e.max_new_tokens,
                              batch_size=e.batch_size, prefixes=e.prefixes)
-  out = {f"refusal/{r.name}": _rate(r.n_refused, r.n) for r in results}
+  out = {f"refusal/{r.name}": stats.rate(r.n_refused, r.n) for r in results}
   out["eval_seconds"] = time.time() - t0
   attack_dir = os.path.join(model_dir, "attack")
   keys.claim(attack_dir, "trajectory_attack", model=keys.model_parts(model), config=cfg.attack.to_dict())
@@ -151,7 +146,7 @@ def evaluate_model(model, sets: Mapping[str, Sequence[str]], cfg, model_dir: str
   with open(os.path.join(attack_dir, "results.json"), encoding="utf-8") as f:
     res = json.load(f)
   for key, r in res.items():
-    out[f"asr/{key}"] = _rate(int(np.sum(r["success"])), int(r["n"]))
+    out[f"asr/{key}"] = stats.rate(int(np.sum(r["success"])), int(r["n"]))
   out["attack_seconds"] = time.time() - t0
   return out
 
@@ -261,7 +256,7 @@ def transfer_cells(model, sources: Sequence[tuple[str, Sequence]], ev) -> dict[s
   out, i = {}, 0
   for label, cs in sources:
     succ = [bool(x) for x in res["success"][i:i + len(cs)]]
-    out[label] = dict(_rate(sum(succ), len(succ)), success=succ)
+    out[label] = dict(stats.rate(sum(succ), len(succ)), success=succ)
     i += len(cs)
   return out
 

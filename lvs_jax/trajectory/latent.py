@@ -21,8 +21,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import numpy as np
-
 from lvs_jax.io import files
 
 
@@ -39,29 +37,12 @@ def lvs_prompts(c, train: set[str]) -> tuple[list[str], list[str], int]:
 def model_lvs(model, prompts: Sequence[str], targets: Sequence[str], excluded: int, c, model_dir: str) -> dict:
   """The row entries of one checkpoint (see module docstring); c: the LVS config (experiments/configs/lvs.py);
   excluded: how many training prompts `lvs_prompts` dropped (recorded in "lvs/model")."""
-  from lvs_jax.evals import behavior
-  from lvs_jax.lvs import attack as lvs_lib
   from lvs_jax.lvs import audit as lvs_audit
 
   prompts, targets = list(prompts), list(targets)
-  d = os.path.join(model_dir, "lvs")
-  files.makedirs(d)
-  base = behavior.evaluate_refusal(model, "lvs_behavior", prompts, max_new_tokens=c.max_new_tokens,
-                                   batch_size=c.batch_size, prefixes=c.judge_prefixes,
-                                   cache_path=os.path.join(d, "behavior.jsonl"), progress=False)
-  flags = np.array([bool(r["refused"]) for r in base.records])
-  attacked = np.flatnonzero(flags) if c.only_refused else np.arange(len(prompts))
-  layers = list(c.layers)
-  if len(attacked):
-    cells = lvs_audit.run_cells(model, [prompts[i] for i in attacked], [targets[i] for i in attacked], c,
-                                os.path.join(d, "cells"))
-    summary = lvs_audit.summarize(cells, layers, c.radii, seed=c.seed)
-  else:
-    summary = lvs_audit.summarize({}, layers, c.radii)
-  eps_refused = summary["eps_star"] if c.only_refused else summary["eps_star"][:, flags]
-  gap = lvs_lib.audit_gap(flags, eps_refused, c.radii, seed=c.seed)
-  summary.update(audit_gap=gap[0], audit_gap_low=gap[1], audit_gap_high=gap[2])
-  files.atomic_write_json(os.path.join(d, "summary.json"), summary)
+  summary = lvs_audit.measure(model, prompts, targets, c, os.path.join(model_dir, "lvs"), progress=False)
+  flags, layers = summary.pop("refused_flags"), list(c.layers)
+  gap = (summary["audit_gap"], summary["audit_gap_low"], summary["audit_gap_high"])
   n = int(summary["n_attacked"])
   out = {"lvs/model": dict(value=summary["model_lvs"], low=summary["model_lvs_low"], high=summary["model_lvs_high"],
                            n=n, n_refused=int(flags.sum()), n_prompts=len(prompts), excluded=excluded,
