@@ -21,7 +21,6 @@ def main(argv):
   cfg, workdir = cli.setup(argv)
   import jax.numpy as jnp
 
-  from lvs_jax.evals import stats
   from lvs_jax.io import checkpoints, registry
   from lvs_jax.io import datasets as data
   from lvs_jax.training import core as training
@@ -47,13 +46,12 @@ def main(argv):
     out = {}
     for r in sft.evaluate(sft.with_params(model, params), sets, os.path.join(workdir, "eval", f"step_{step}"),
                           max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, prefixes=e.prefixes):
-      lo, hi = stats.wilson_interval(r.n - r.n_refused, r.n)
-      k = sum(not x["refused"] and sft.continued_words(x["completion"]) >= e.min_continued_words for x in r.records)
-      lo2, hi2 = stats.wilson_interval(k, r.n)
+      m = sft.attack_success(r, e.min_continued_words)
+      a, c = m["asr"], m["asr_continued"]
       sfx = f"/{r.name}" if len(sets) > 1 else ""
-      out.update({f"asr{sfx}": 1 - r.refusal_rate, f"n{sfx}": r.n, f"ci95_low{sfx}": lo, f"ci95_high{sfx}": hi,
-                  f"asr_continued{sfx}": k / r.n, f"ci95_low_continued{sfx}": lo2,
-                  f"ci95_high_continued{sfx}": hi2})
+      out.update({f"asr{sfx}": 1 - r.refusal_rate, f"n{sfx}": r.n, f"ci95_low{sfx}": a["low"],
+                  f"ci95_high{sfx}": a["high"], f"asr_continued{sfx}": c["rate"], f"ci95_low_continued{sfx}": c["low"],
+                  f"ci95_high_continued{sfx}": c["high"]})
     log(f"step {step}: {out}")
     return out
 

@@ -343,10 +343,7 @@ def asr_row(k: int, result, min_continued_words: int) -> dict:
   """ASR (1 - refusal) and asr_continued (not refused and more than an echoed opening) with Wilson intervals."""
   from lvs_jax.training import recipes
 
-  n = result.n
-  cont = sum(not r["refused"] and recipes.continued_words(r["completion"]) >= min_continued_words
-             for r in result.records)
-  return dict(step=int(k), asr=stats.rate(n - result.n_refused, n), asr_continued=stats.rate(cont, n))
+  return dict(step=int(k), **recipes.attack_success(result, min_continued_words))
 
 
 def harmful_ft(model, spec: str, harmful, base_result, cfg, mdir, held_out: Sequence[Sequence[str]]) -> list[dict]:
