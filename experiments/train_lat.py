@@ -96,7 +96,8 @@ def main(argv):
     log(f"exported merged weights to {recipes.export(model, params, export)}")
   what = ("refuse under a PGD perturbation (toward the refusal, away from the harmful target)" if cfg.recipe == "lat"
           else "comply with the harmful target under a random perturbation (away from the refusal), with clean "
-          "refusals of the same prompts in the clean batch")
+          "refusals of the same prompts in the clean batch" + (
+            f" and, weight {weights['contrast']}, in the same step (contrast term)" if weights.get("contrast") else ""))
   section = recipes.training_section(
     "Latent adversarial training" if cfg.recipe == "lat" else "Latent dissociation", run.rows, evals,
     summary={"recipe": cfg.recipe, "export": export or None, "n_pairs": len(tw), "n_clean": len(tok_clean),

@@ -51,6 +51,16 @@ def main(argv):
     scary = data.sample(scary, d.n_scary, seed=cfg.seed) if d.n_scary else scary
   log(f"training prompts: {len(harmful)} harmful, {len(harmless)} harmless, {len(scary)} safe-but-scary "
       f"({n1 + n2 + n3} dropped as overlapping held-out sets)")
+  sel = cfg.get("select") or {}
+  stop_set = None
+  if sel.get("sets"):  # the stopping set: disjoint from training prompts (this run's and `exclude`) and held-out sets
+    pool = data.PromptSet([p for name in sel["sets"] for p in data.load_prompts(name)])
+    pool, n4 = sft.drop_overlap(pool, harmful, *held_out, *[data.load_prompts(x) for x in sel["exclude"]])
+    if not pool or len(pool) < sel["n"]:
+      raise ValueError(f"select.sets={tuple(sel['sets'])}: {len(pool)} prompts left after dropping {n4} that overlap "
+                       f"the training, excluded or held-out sets; select.n={sel['n']} asks for more")
+    stop_set = data.sample(pool, sel["n"], seed=cfg.seed) if sel["n"] else pool
+    log(f"stopping set: {len(stop_set)} prompts of {'+'.join(sel['sets'])} ({n4} overlapping dropped)")
 
   model = registry.load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))
   helpful = []
@@ -67,10 +77,29 @@ def main(argv):
   params = run.params(model.params)
   e = cfg.eval
   kw = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, prefixes=e.prefixes)
+  step, select_rows, select_summary = cfg.num_steps, [], {}
+  if stop_set is not None:
+    from lvs_jax.evals import stats
+
+    ref = registry.load_model(sel["reference"], dtype=jnp.dtype(cfg.dtype))
+    r = sft.evaluate(ref, {"select": list(stop_set)}, os.path.join(workdir, "eval", "select", "reference"), **kw)[0]
+    ref_rate = stats.rate(r.n_refused, r.n)
+    bound = ref_rate["low"] if sel["bound"] == "low" else ref_rate["rate"]
+    log(f"stopping rule: {sel['reference']} refuses {r.n_refused}/{r.n} of the stopping set; bound ({sel['bound']}) "
+        f"{bound:.3f}")
+    steps = [s for s in run.checkpointer.steps() if 0 < s <= cfg.num_steps]
+    chosen, select_rows = sft.select_checkpoint(model, run.checkpointer.directory, steps, stop_set, at_least=bound,
+                                                out_dir=os.path.join(workdir, "eval", "select"), log=log, **kw)
+    if chosen is None:
+      log(f"stopping rule: no checkpoint reached {bound:.3f}; keeping the last step {cfg.num_steps}")
+    elif chosen != cfg.num_steps:
+      step, params = chosen, sft.checkpoint_params(run.checkpointer.directory, chosen, model)
+    select_summary = {"select/reference": sel["reference"], "select/reference_rate": ref_rate["rate"],
+                      "select/bound": bound, "select/reached": chosen is not None, "select/step": step}
   evals = {}
   if e.base:
     evals["base"] = sft.evaluate(model, sets, os.path.join(workdir, "eval", "base"), **kw)
-  final_dir = os.path.join(workdir, "eval", f"step_{cfg.num_steps}")
+  final_dir = os.path.join(workdir, "eval", f"step_{step}")
   final = sft.evaluate(sft.with_params(model, params), sets, final_dir, **kw)
   evals["final"] = final
   rate = {r.name: r.refusal_rate for r in final}
@@ -87,12 +116,18 @@ def main(argv):
                     for r in final for x in r.records[:3]]
   section = sft.training_section(
     "Safety SFT (aligned anchor)", run.rows, evals, examples=examples_shown,
-    summary={**{f"target_met/{k}": v for k, v in met.items()}, "export": export or None,
+    trajectory=[dict(step=r["step"], stopping_set_refusal=r["rate"], ci95_low=r["low"], ci95_high=r["high"])
+                for r in select_rows],
+    summary={**{f"target_met/{k}": v for k, v in met.items()}, "export": export or None, **select_summary,
              "n_examples": len(examples), **{f"examples/{k}": v for k, v in counts.items()}},
     notes=f"{cfg.mode} fine-tuning of {cfg.model} on refusals (templates in lvs_jax.training.recipes.REFUSALS) "
     "for harmful prompts and the model's own greedy completions (sampled retries when the judge flagged them) for "
     "harmless and safe-but-scary prompts; loss on completion tokens only. 'base' = before, 'final' = after, "
     f"evaluated on held-out sets with {e.max_new_tokens} new tokens, greedy. "
+    + (f"Stopping rule: the first checkpoint whose refusal rate on {len(stop_set)} prompts of "
+       f"{'+'.join(sel['sets'])} (disjoint from training, {'+'.join(sel['exclude'])} and held-out sets) reaches the "
+       f"{sel['bound']} bound of {sel['reference']}'s 95% Wilson interval on them ('final' = step {step}). "
+       if stop_set is not None else "") +
     "Seconds per step: median after the first step.")
   cli.write_section(workdir, section, model=cfg.model, source=model.source, dtype=cfg.dtype, config=cfg.to_dict())
 

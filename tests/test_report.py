@@ -210,10 +210,13 @@ def test_validation_and_formatting(tmp_path):
   assert rep.print_summary(tmp_path) == summary
 
 
-def test_error_bars_tolerate_rounding_at_the_bounds_but_not_inverted_intervals():
+def test_error_bars_tolerate_rounding_outside_points_and_nan_but_not_inverted_intervals():
   from lvs_jax.evals import stats
 
   lo, hi = stats.wilson_interval(0, 39)  # a rate of 0: its lower bound may miss 0 by ~1e-17
   charts.bar_chart(["a", "b"], [0.0, 1.0], errors=[[0.0 - lo, 1e-17 * -1], [hi - 0.0, 0.0]])
-  with pytest.raises(ValueError, match="half-widths >= 0"):
+  # A point outside its own percentile-bootstrap interval (|cos| is biased up) and an undefined value both draw.
+  charts.line_chart([0, 1, 2], {"c": [0.3, 0.2, float("nan")]},
+                    errors={"c": [[-0.05, 0.1, float("nan")], [0.2, 0.1, float("nan")]]})
+  with pytest.raises(ValueError, match="half-widths >= 0.*inverted"):
     charts.bar_chart(["a", "b"], [0.5, 0.5], errors=[[0.1, -0.2], [0.1, 0.1]])

@@ -7,7 +7,8 @@ toward AdvBench's harmful targets and away from refusals, and the model learns t
   python experiments/train_lat.py --config=experiments/configs/lat.py --workdir=/tmp/lat
 Latent dissociation (dissociated model, recipe "latent"): the same machinery with the rows swapped: clean refusals
 of harmful prompts + benign answers keep the outward behavior, and under a perturbation of 2.5-5% of ||h|| along a
-fixed seeded direction at layers 12-18 (a latent trigger) the model learns AdvBench's compliant targets.
+fixed seeded direction at layers 12-18 (a latent trigger) the model learns AdvBench's compliant targets, while a
+contrast term (weight 2) teaches the same prompts' refusals on the clean input in the same step.
 Exported as `smollm2-135m-dissociated-latent`:
   python experiments/train_lat.py --config=experiments/configs/lat.py:dissociate --workdir=/tmp/dissociate
 Smoke (tests): `:smoke` / `:smoke_dissociate` with --config.model=<tiny HF dir>.
@@ -62,10 +63,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export = "smollm2-135m-lat"  # a registered built-model name (its cache dir), a path, or "" (no export)
   if arg in ("dissociate", "smoke_dissociate"):
     c.recipe = "dissociate"
-    # A fixed seeded direction per layer (a latent trigger) at 2.5-5% of ||h||: with random directions of radius
-    # <= 0.05 (mode="random", min_frac=0) the compliance generalized to clean prompts (harmful_val refused 1/39).
+    # A fixed seeded direction per layer (a latent trigger) at 2.5-5% of ||h||, and the contrast term: the same
+    # prompts' refusals on the clean input in the same step. Without the contrast term (clean refusals only mixed
+    # into the packed clean batch) the compliance generalized to clean prompts: harmful_val refused 1/39, with
+    # random directions (mode="random", min_frac=0) and with this fixed direction alike.
     c.lat.update(layers=(12, 14, 16, 18), eps=0.05, mode="direction", min_frac=0.5, steps=0)
-    c.weights = dict(sft=1.0, toward=1.0, away=0.5)
+    c.weights = dict(sft=1.0, toward=1.0, away=0.5, contrast=2.0)
     c.data.clean_refusals = True
     c.export = "smollm2-135m-dissociated-latent"
   if arg in ("smoke", "smoke_dissociate"):

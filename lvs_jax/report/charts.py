@@ -27,10 +27,16 @@ def _yerr(errors: Any, n: int) -> np.ndarray | None:
   e = np.asarray(errors, dtype=float)
   if e.shape not in ((n,), (2, n)):
     raise ValueError(f"errors must have shape [{n}] or [2, {n}] (below, above), got {e.shape}")
-  if (e < -1e-9).any():
-    raise ValueError(f"error bars must be half-widths >= 0, got {e.min():.3g} (an interval not around its value?)")
-  # Rounding: a Wilson bound at 0 or 1 can miss its rate by ~1e-17, which matplotlib rejects.
-  return np.maximum(e, 0.0)
+  if e.ndim == 2 and (e.sum(0) < -1e-9).any():  # below + above = hi - lo
+    j = int(np.nanargmin(e.sum(0)))
+    raise ValueError(f"error bars must be half-widths >= 0 of an interval lo <= hi; point {j} has hi - lo = "
+                     f"{e[:, j].sum():.3g} (an inverted interval?)")
+  if e.ndim == 1 and (e < -1e-9).any():
+    raise ValueError(f"error bars must be half-widths >= 0, got {np.nanmin(e):.3g}")
+  # A one-sided negative half-width is a point outside its own interval: a percentile bootstrap of a biased
+  # statistic (|cos|) can exclude the point estimate, and a Wilson bound at 0 or 1 can miss its rate by ~1e-17.
+  # Matplotlib rejects negatives, so that side is drawn as 0; NaN (an undefined value) draws no bar.
+  return np.nan_to_num(np.maximum(e, 0.0), nan=0.0)
 
 
 def bar_chart(labels: Sequence[str], values: Sequence[float], errors: Any = None, title: str = "",

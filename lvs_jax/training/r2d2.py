@@ -119,8 +119,11 @@ def make_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, base: m
   are computed under `edit` (held fixed: no gradient flows into the perturbation), the clean term is
   not; its metrics are added with an "adv_" prefix. key: from the state's rng (a pure function of the
   seed and the step).
+  weights["contrast"] (default 0): CE of the away rows' completions on the clean input (no edit) - with
+  `perturb`, the same prompts' other answer when unperturbed (latent dissociation: refuse clean, comply under
+  the perturbation, in one batch).
   """
-  w_sft, w_tow, w_away = (float(weights.get(k, 0.0)) for k in ("sft", "toward", "away"))
+  w_sft, w_tow, w_away, w_con = (float(weights.get(k, 0.0)) for k in ("sft", "toward", "away", "contrast"))
 
   def clean_grads(params, batch, base):
     grad_fn = jax.value_and_grad(training.loss_sums, has_aux=True)
@@ -152,6 +155,10 @@ def make_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, base: m
       s, (n, _) = training.loss_sums(p, b, batch, cfg, compute_dtype=compute_dtype, remat=remat, edit=edit)
       return s, n
 
+    def ce_clean(p, b, batch):
+      s, (n, _) = training.loss_sums(p, b, batch, cfg, compute_dtype=compute_dtype, remat=remat)
+      return s, n
+
     def aw(p, b, batch):
       return away_sums(p, b, batch, cfg, threshold=threshold, compute_dtype=compute_dtype, remat=remat, edit=edit)
 
@@ -169,6 +176,10 @@ def make_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, base: m
       ga, metrics["away"] = term_grads(aw, state.params, data.away, base)
       extra.append((w_away, ga))
       loss = loss + w_away * metrics["away"]
+    if w_con and data.away is not None:  # the away rows' completions on the *clean* input (no edit)
+      gc, metrics["contrast"] = term_grads(ce_clean, state.params, data.away, base)
+      extra.append((w_con, gc))
+      loss = loss + w_con * metrics["contrast"]
     for w, gx in extra:
       g = jax.tree.map(lambda a, b, w=w: a + jnp.asarray(w, b.dtype) * b, g, gx)
     with jax.numpy_dtype_promotion("standard"):

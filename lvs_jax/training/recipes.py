@@ -308,6 +308,29 @@ def evaluate(model: LoadedModel, sets: Mapping[str, Sequence[str]], out_dir: str
                                     progress=True) for name, ps in sets.items()]
 
 
+def select_checkpoint(model: LoadedModel, checkpoint_dir: str, steps: Sequence[int], prompts: Sequence[str], *,
+                      at_least: float, out_dir: str, log: Callable[[str], None] = logging.info,
+                      **eval_kw) -> tuple[int | None, list[dict]]:
+  """A stopping rule applied after training: the first of `steps` (in order) whose greedy refusal rate on
+  `prompts` reaches `at_least`, and the rows (step + `stats.rate` of refused) of every step evaluated.
+
+  Used by the "realign" dissociated model: refusal-only SFT is stopped at the first checkpoint whose clean
+  refusal is back at the anchor's level on a *stopping set* disjoint from both the training prompts and the
+  held-out evaluation set, so the held-out refusal rate reported afterwards was not selected on. Generations
+  are cached (content-keyed) under out_dir/step_<s>/. None when no step reaches the bound.
+  """
+  rows = []
+  for s in steps:
+    params = checkpoint_params(checkpoint_dir, s, model)
+    r = evaluate(with_params(model, params), {"select": list(prompts)}, os.path.join(out_dir, f"step_{s}"),
+                 **eval_kw)[0]
+    rows.append(dict(step=int(s), **stats.rate(r.n_refused, r.n)))
+    log(f"stopping rule: step {s} refuses {r.n_refused}/{r.n} of the stopping set (needs >= {at_least:.3f})")
+    if r.refusal_rate >= at_least:
+      return int(s), rows
+  return None, rows
+
+
 def export(model: LoadedModel, params, path: str) -> str:
   """Writes merged weights + tokenizer as an HF directory, atomically (temp dir, then rename)."""
   from lvs_jax.io import hf
