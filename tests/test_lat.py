@@ -4,7 +4,6 @@ is exactly the unperturbed R2D2-style step, the random perturbation's ball, and 
 (LAT, latent dissociation, refusal-only re-alignment) exports a loadable model."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -165,8 +164,8 @@ def test_realign_recipe_trains_refusals_only(tmp_path, tiny_chat_model, jax_cach
   # outputs all count as refusals), which the first checkpoint (step 2 of 3) reaches: the result and the export.
   r = _run("train_sft.py", "safety_sft.py:smoke", wd, jax_cache, f"--config.model={tiny_chat_model}",
            "--config.data.refusal_only=True", f"--config.export={export}", "--config.select.sets=('tdc2023_dev',)",
-           "--config.select.exclude=('advbench',)", "--config.select.n=3", f"--config.select.reference={tiny_chat_model}",
-           "--config.select.bound=rate")
+           "--config.select.exclude=('advbench',)", "--config.select.n=3",
+           f"--config.select.reference={tiny_chat_model}", "--config.select.bound=rate")
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   sec = json.loads((wd / "report.json").read_text())["sections"]["training"]
   summ = sec["summary"]

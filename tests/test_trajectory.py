@@ -147,3 +147,22 @@ def test_trajectory_evaluates_each_distinct_checkpoint_once_resumes_and_writes_t
   assert len(report["sections"]["trajectory"]["tables"]["transfer"]["rows"]) == 4 * 4
   assert (wd / "report.html").exists()
   assert "coupling_peak" not in json.dumps(report["sections"]["trajectory"]["figures"])
+
+
+def test_transfer_sources_are_each_source_checkpoints_gcg_and_autodan_cases_then_files(tmp_path):
+  cfg = _config(["x"])
+  cfg.attack.methods = ("gcg", "autodan")
+  rows = [dict(run="r", step=s, digest=f"{s:016d}abc") for s in (0, 5)]
+  for r in rows:
+    d = tmp_path / "trajectory" / "models" / r["digest"][:16] / "attack" / "test_cases"
+    for method, sub in (("gcg", f"gcg_s{max(cfg.attack.gcg_budgets)}"), ("autodan", "autodan")):
+      test_cases.save(str(d / sub), [test_cases.TestCase("b0", "Do X", f"{method} case @{r['step']}")])
+  ext = tmp_path / "jbb"
+  test_cases.save(str(ext), [test_cases.TestCase("b1", "Do Y", "an external case")])
+  c = _with_sources(cfg, ("r@5",))
+  c.transfer.external = (str(ext),)
+  got = [(label, [x.test_case for x in cases]) for label, cases in audit.transfer_sources(rows, c, str(tmp_path))]
+  assert got == [("gcg@r@5", ["gcg case @5"]), ("autodan@r@5", ["autodan case @5"]), ("file:jbb", ["an external case"])]
+  c.attack.methods = ("gcg",)
+  c.transfer.sources = ()
+  assert [label for label, _ in audit.transfer_sources(rows, c, str(tmp_path))] == ["gcg@r@0", "gcg@r@5", "file:jbb"]

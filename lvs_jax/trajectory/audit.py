@@ -7,8 +7,9 @@ A run is the workdir of `experiments/train_r2d2.py` (R2D2 or its matched SFT bas
   behavior   greedy refusal rate (substring judge, 95% Wilson interval) on each configured set: held-out
              harmful prompts (robust refusal), harmless prompts (1 - refusal = benign compliance) and
              XSTest safe prompts (exaggerated safety), cached per checkpoint;
-  gcg        GCG test cases found *against that checkpoint* (fresh attack, small budget; resumable) and
-             their attack success (greedy generation not a refusal), with a Wilson interval;
+  gcg        GCG (and, with "autodan" in cfg.attack.methods, AutoDAN) test cases found *against that
+             checkpoint* (fresh attack, small budget; resumable) and their attack success (greedy generation
+             not a refusal), with a Wilson interval; the sources of the sparse transfer matrix;
   seconds    the run's median seconds per training step (its metrics.jsonl);
   geometry   carriers and coupling, drift from step 0 (`lvs_jax.trajectory.measures`), KL-admissible carriers
              (`lvs_jax.trajectory.admissible`, needs cfg.geometry);
@@ -230,9 +231,14 @@ def _gcg_cases_dir(model_dir: str, cfg) -> str:
   return os.path.join(model_dir, "attack", "test_cases", f"gcg_s{max(cfg.attack.gcg_budgets)}")
 
 
+def _autodan_cases_dir(model_dir: str) -> str:
+  return os.path.join(model_dir, "attack", "test_cases", "autodan")
+
+
 def transfer_sources(rows: Sequence[Mapping], cfg, workdir: str) -> list[tuple[str, list]]:
-  """[(label, test cases)]: the GCG cases found against each chosen source checkpoint, then the external
-  files. Errors name a source that is not an evaluated checkpoint."""
+  """[(label, test cases)]: the GCG cases ("gcg@run@step") and, when cfg.attack.methods has "autodan", the
+  AutoDAN cases ("autodan@run@step") found against each chosen source checkpoint, then the external files.
+  Errors name a source that is not an evaluated checkpoint."""
   by_label = {f"{r['run']}@{r['step']}": r for r in rows}
   wanted = list(cfg.transfer.sources) or list(by_label)
   missing = [w for w in wanted if w not in by_label]
@@ -240,8 +246,11 @@ def transfer_sources(rows: Sequence[Mapping], cfg, workdir: str) -> list[tuple[s
     raise ValueError(f"transfer sources {missing} are not evaluated checkpoints (have: {sorted(by_label)})")
   out = []
   for label in wanted:
-    d = _gcg_cases_dir(os.path.join(workdir, "trajectory", "models", by_label[label]["digest"][:16]), cfg)
-    out.append((f"gcg@{label}", tc_lib.load(d)))
+    model_dir = os.path.join(workdir, "trajectory", "models", by_label[label]["digest"][:16])
+    if "gcg" in cfg.attack.methods:
+      out.append((f"gcg@{label}", tc_lib.load(_gcg_cases_dir(model_dir, cfg))))
+    if "autodan" in cfg.attack.methods:
+      out.append((f"autodan@{label}", tc_lib.load(_autodan_cases_dir(model_dir))))
   for path in cfg.transfer.external:
     out.append((f"file:{os.path.basename(os.path.normpath(path))}", tc_lib.load(path)))
   return out
