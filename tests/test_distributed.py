@@ -69,9 +69,9 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
   assert len(a.files) == len(b.files) > 10
   for k in a.files:
     diff = np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))
-    # Adam near-zero gradients amplify rounding in a few elements (see test_sharding); a wrong gradient
-    # (one process's rows lost) would move every element by ~ lr = 1e-2.
-    assert diff.max() < 1e-3 and np.mean(diff > 2e-5) < 1e-2, (k, diff.max())
+    # Adam near-zero gradients amplify rounding in a few elements (see test_sharding; up to 1.3e-3 seen on a CPU
+    # without AVX-512); a wrong gradient (one process's rows lost) would move every element by ~ lr = 1e-2.
+    assert diff.max() < 5e-3 and np.mean(diff > 2e-5) < 1e-2, (k, diff.max(), np.mean(diff > 2e-5))
   rows = [json.loads(line) for line in open(multi / "metrics.jsonl")]
   ref = [json.loads(line) for line in open(single / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2, 3]  # each step once: not once per process

@@ -55,10 +55,11 @@ def test_one_step_from_zero_b_keeps_outputs_at_step_zero_and_moves_only_b():
   batch = _batch(cfg)
   step = training.make_train_step(cfg, opt, params, donate=False, remat=False)
   new, metrics = step(state, batch)
-  # The step's loss (computed with the initial adapters) is exactly the base model's loss.
+  # The step's loss (computed with the initial adapters) is the base model's loss: to one float32 rounding, since
+  # the two are different compiled programs (bit-equal on one CPU, 1 ulp apart on another without AVX-512).
   mb = jax.tree.map(lambda x: x[0], batch)
   nll, (n, _) = training.loss_sums(params, None, mb, cfg)
-  np.testing.assert_array_equal(np.asarray(metrics["loss"]), np.asarray(nll / n))
+  np.testing.assert_allclose(np.asarray(metrics["loss"]), np.asarray(nll / n), rtol=5e-7, atol=0)
   # d loss / d a = 0 when b = 0, so Adam leaves a exactly where it was; b moves.
   for m in lp.modules:
     np.testing.assert_array_equal(np.asarray(new.params.weights[m].a), np.asarray(lp.weights[m].a))
