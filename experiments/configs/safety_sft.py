@@ -2,7 +2,7 @@ r"""Safety SFT of SmolLM2-135M-Instruct into our aligned anchor, `smollm2-135m-a
 
 Builds the anchor, evaluates it against the base model on held-out data, and exports the merged
 weights to the loader's cache ($LVS_CACHE_DIR or ~/.cache/lvs_jax, then models/smollm2-135m-aligned),
-where `load_model("smollm2-135m-aligned")` finds them (about 40 minutes on a 2-core CPU):
+where `load_model("smollm2-135m-aligned")` finds them (1-2 hours on a 2-core CPU):
   python experiments/train_sft.py --config=experiments/configs/safety_sft.py --workdir=/tmp/safety_sft
 
 Smoke run (a few examples, 3 steps, 8 tokens; what the test suite runs, on a tiny model):
