@@ -28,6 +28,7 @@ Shapes: N pool entries, S = `max_suffix` suffix slots, K entries per step, W can
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -151,12 +152,8 @@ def make_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, base: m
       edit = jax.lax.stop_gradient(edit)
       metrics.update({f"adv_{k}": v for k, v in adv.items()})
 
-    def ce(p, b, batch):
-      s, (n, _) = training.loss_sums(p, b, batch, cfg, compute_dtype=compute_dtype, remat=remat, edit=edit)
-      return s, n
-
-    def ce_clean(p, b, batch):
-      s, (n, _) = training.loss_sums(p, b, batch, cfg, compute_dtype=compute_dtype, remat=remat)
+    def ce(p, b, batch, e=edit):  # e=None: on the clean input (the contrast term)
+      s, (n, _) = training.loss_sums(p, b, batch, cfg, compute_dtype=compute_dtype, remat=remat, edit=e)
       return s, n
 
     def aw(p, b, batch):
@@ -177,7 +174,7 @@ def make_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, base: m
       extra.append((w_away, ga))
       loss = loss + w_away * metrics["away"]
     if w_con and data.away is not None:  # the away rows' completions on the *clean* input (no edit)
-      gc, metrics["contrast"] = term_grads(ce_clean, state.params, data.away, base)
+      gc, metrics["contrast"] = term_grads(functools.partial(ce, e=None), state.params, data.away, base)
       extra.append((w_con, gc))
       loss = loss + w_con * metrics["contrast"]
     for w, gx in extra:
